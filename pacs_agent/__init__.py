@@ -1,0 +1,1 @@
+"""The DICOM node beside PACS: receive CTPAs, queue, analyse, report, deliver."""

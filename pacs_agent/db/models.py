@@ -1,0 +1,299 @@
+"""SQLAlchemy 2.0 models of the node's state (ARCHITECTURE.md, "State").
+
+No patient name, ID or birth date is stored anywhere in this schema.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class SeriesState(enum.StrEnum):
+    RECEIVING = "RECEIVING"  # instances arriving or associations still open
+    COMPLETE = "COMPLETE"  # quiet period over; selection not yet applied
+    IGNORED = "IGNORED"  # not a CTPA (ignore_reason says why) or not analysable
+    QUEUED = "QUEUED"  # a job is waiting or running
+    ANALYSED = "ANALYSED"  # latest job succeeded
+    FAILED = "FAILED"  # latest job failed for good
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "PENDING"  # waiting for its next attempt
+    SENDING = "SENDING"  # claimed by a dispatcher
+    DELIVERED = "DELIVERED"
+    FAILED = "FAILED"  # gave up after max attempts; `pe-agent retry` re-queues it
+    CANCELLED = "CANCELLED"
+
+
+class OutputKind(enum.StrEnum):
+    SR = "SR"
+    SC = "SC"
+    SEG = "SEG"
+
+
+class Flag(enum.StrEnum):
+    """Worklist priority flag of a study, most urgent first."""
+
+    CRITICAL = "CRITICAL"  # PE with RV/LV >= 1, or central PE
+    HIGH = "HIGH"  # PE
+    REVIEW = "REVIEW"  # indeterminate or low confidence
+    ERROR = "ERROR"  # analysis failed: a human must read it
+    ROUTINE = "ROUTINE"  # negative
+
+    @property
+    def rank(self) -> int:
+        return _FLAG_RANK[self]
+
+
+_FLAG_RANK = {Flag.CRITICAL: 0, Flag.HIGH: 1, Flag.ERROR: 2, Flag.REVIEW: 3, Flag.ROUTINE: 4}
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, validate_strings=True)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Association(Base):
+    """A DICOM association that delivered instances; a series is not complete while one is open."""
+
+    __tablename__ = "associations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: "released", "aborted" or "recovered" (closed by a restart).
+    close_reason: Mapped[str] = mapped_column(String(16), default="")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_description: Mapped[str] = mapped_column(String(128), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state: Mapped[SeriesState] = mapped_column(_enum(SeriesState), default=SeriesState.RECEIVING, index=True)
+    ignore_reason: Mapped[str] = mapped_column(Text, default="")
+    input_priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: instance_count when the latest job was queued; more instances later -> re-analysis.
+    analysed_instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+    jobs: Mapped[list[Job]] = relationship(back_populates="series", cascade="all, delete-orphan", order_by="Job.id")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    #: Path relative to the spool root.
+    path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    association_id: Mapped[str | None] = mapped_column(ForeignKey("associations.id"), default=None, index=True)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "status", "priority", "not_before", "id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.QUEUED)
+    #: Higher runs first; ties by arrival (id).
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: "received", "late-instances", "reprocess".
+    reason: Mapped[str] = mapped_column(String(32), default="received")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    not_before: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    error: Mapped[str] = mapped_column(Text, default="")
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    #: The job whose report this job's report supersedes (re-analysis).
+    supersedes_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    series: Mapped[Series] = relationship(back_populates="jobs")
+    result: Mapped[Result | None] = relationship(back_populates="job", uselist=False, cascade="all, delete-orphan")
+    outputs: Mapped[list[Output]] = relationship(back_populates="job", cascade="all, delete-orphan", order_by="Output.id")
+
+
+class Result(Base):
+    __tablename__ = "results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    pe_present: Mapped[bool] = mapped_column(default=False)
+    pe_probability: Mapped[float] = mapped_column(Float, default=0.0)
+    #: The nine exam labels and the series-level PE probability.
+    probabilities: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: The nine final, consistent labels.
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    chunk_probabilities: Mapped[list[Any]] = mapped_column(default=list)
+    key_images: Mapped[list[Any]] = mapped_column(default=list)
+    flag: Mapped[Flag] = mapped_column(_enum(Flag))
+    timings_s: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    model_name: Mapped[str] = mapped_column(String(128), default="")
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="result")
+
+
+class Output(Base):
+    """A DICOM object this node produced (in the spool's outbox)."""
+
+    __tablename__ = "outputs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[OutputKind] = mapped_column(_enum(OutputKind))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    #: Path relative to the spool root.
+    path: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="outputs")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="output", cascade="all, delete-orphan")
+
+
+class Delivery(Base):
+    """One output x one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("output_id", "destination"),
+        Index("ix_deliveries_claim", "status", "next_attempt_at", "id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Last DICOM status returned by the destination (None: no response, e.g. connection refused).
+    last_dicom_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    output: Mapped[Output] = relationship(back_populates="deliveries")
+
+
+class Study(Base):
+    """Worklist row: one per study, flag from its latest result."""
+
+    __tablename__ = "studies"
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    flag: Mapped[Flag] = mapped_column(_enum(Flag))
+    flag_rank: Mapped[int] = mapped_column(Integer, index=True)
+    pe_probability: Mapped[float | None] = mapped_column(Float, default=None)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    summary: Mapped[str] = mapped_column(Text, default="")
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A worker process, for heartbeats and recovery of stalled jobs."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(128), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    current_job_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Event(Base):
+    """Audit trail of every state change. Never holds patient identifiers."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    #: "series", "job", "delivery", "association", "instance", "worker".
+    entity: Mapped[str] = mapped_column(String(16))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(48))
+    from_state: Mapped[str] = mapped_column(String(16), default="")
+    to_state: Mapped[str] = mapped_column(String(16), default="")
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -1,0 +1,355 @@
+"""Configuration: defaults < TOML file < environment (PE_AGENT__SECTION__KEY) < CLI overrides.
+
+Validated once at start and passed explicitly; nothing here is a module global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pacs_agent.errors import ConfigError
+
+ENV_PREFIX = "PE_AGENT__"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash, max 16
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    #: CA bundle used to verify peers' certificates (client certificates on the SCP side).
+    ca_certificate: str = ""
+    require_client_certificate: bool = True
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "PE_AGENT"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    #: Empty list: any calling AE is accepted. Otherwise unknown callers are rejected.
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    max_associations: int = 10
+    #: Below this much free space in the spool, C-STORE answers 0xA700.
+    min_free_disk_mb: int = 512
+    #: Network timeouts (seconds).
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    maximum_pdu_size: int = 0
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    #: Spool root: incoming/, outbox/, tmp/ live below it. Can be a shared mount for scale-out.
+    root: str = "./var/spool"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    #: SQLAlchemy URL. SQLite (WAL) by default; postgresql+psycopg://... for several workers.
+    url: str = "sqlite:///./var/pe_agent.sqlite"
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """The default CTPA rule. A series must pass every enabled check to be analysed."""
+
+    modalities: tuple[str, ...] = ("CT",)
+    min_slices: int = 40
+    max_slice_thickness_mm: float = 3.0
+    #: Regular expression (case-insensitive) on SeriesDescription, StudyDescription and ProtocolName.
+    description_pattern: str = r"CTPA|\bPE\b|angio|pulm|embol"
+    #: Contrast agent present (ContrastBolusAgent/ContrastBolusRoute) or description matches.
+    require_contrast_or_description: bool = True
+    #: Allowed BodyPartExamined values (upper case); "" stands for unspecified.
+    body_parts: tuple[str, ...] = ("", "CHEST", "THORAX", "LUNG", "CHEST_ABDOMEN", "CHESTABDOMEN", "CHEST_ABDOMEN_PELVIS", "TORSO", "HEART")
+
+
+@dataclass(frozen=True)
+class PriorityRule:
+    """Input priority for matching series (higher runs first)."""
+
+    priority: int
+    calling_ae_title: str = ""
+    description_pattern: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesSettings:
+    quiet_seconds: float = 5.0
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
+    priority_rules: tuple[PriorityRule, ...] = ()
+    default_priority: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    #: Path to a checkpoint file, or ``builtin:demo``.
+    checkpoint: str = "builtin:demo"
+    #: If set, a checkpoint whose sha256 differs is refused.
+    checkpoint_sha256: str = ""
+    #: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
+    device: str = "cpu"
+    #: Below this distance from 0.5 a decision is flagged REVIEW (low confidence).
+    review_margin: float = 0.1
+    torch_threads: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    #: Worker processes started by `pe-agent serve`.
+    count: int = 1
+    lease_seconds: float = 120.0
+    heartbeat_seconds: float = 10.0
+    max_attempts: int = 3
+    backoff_initial_seconds: float = 10.0
+    backoff_max_seconds: float = 600.0
+    poll_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    structured_report: bool = True
+    secondary_capture: bool = True
+    #: FRACTIONAL segmentation of the Grad-CAM heatmap.
+    segmentation: bool = False
+    #: Number of top chunks whose key slice gets a Grad-CAM secondary capture.
+    key_slices: int = 3
+    manufacturer: str = "PE Triage Project"
+    institution_name: str = ""
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    max_attempts: int = 10
+    backoff_initial_seconds: float = 5.0
+    backoff_max_seconds: float = 300.0
+    calling_ae_title: str = ""
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    #: Delete received instances of finished series after this many days (0 keeps them).
+    incoming_days: float = 7.0
+    outbox_days: float = 7.0
+    events_days: float = 90.0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    #: "json" or "console" ("auto": console on a terminal, JSON otherwise).
+    format: str = "auto"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class HTTPSettings:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    series: SeriesSettings = field(default_factory=SeriesSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
+    destinations: tuple[Destination, ...] = ()
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    http: HTTPSettings = field(default_factory=HTTPSettings)
+
+    @property
+    def spool_root(self) -> Path:
+        return Path(self.storage.root)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets removed, for the start-up log line."""
+        data = dataclasses.asdict(self)
+        url = data["database"]["url"]
+        data["database"]["url"] = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+        data["node"]["tls"]["private_key"] = "***" if data["node"]["tls"]["private_key"] else ""
+        return data
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Build a value of annotation ``tp`` from TOML/env data, with one-line errors."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if not value.startswith("[") else json.loads(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(args[0], value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported setting type {tp!r}")
+
+
+def _build(cls: Any, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """PE_AGENT__NODE__PORT=11113 -> {"node": {"port": "11113"}}; keys are case-insensitive."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        if path == ["destinations"]:
+            try:
+                out["destinations"] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name}: expected a JSON list of destinations ({exc.msg})") from None
+            continue
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _validate(settings: Settings) -> None:
+    n = settings.node
+    if not _AE_RE.match(n.ae_title) or n.ae_title.strip() != n.ae_title:
+        raise ConfigError(f"node.ae_title: {n.ae_title!r} is not a valid AE title (1-16 characters, no backslash, no leading/trailing spaces)")
+    for ae in n.allowed_calling_ae_titles:
+        if not _AE_RE.match(ae):
+            raise ConfigError(f"node.allowed_calling_ae_titles: {ae!r} is not a valid AE title")
+    for label, port in [("node.port", n.port), ("http.port", settings.http.port)]:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{label}: {port} is not a TCP port")
+    if n.max_associations < 1:
+        raise ConfigError("node.max_associations: must be at least 1")
+    if n.tls.enabled and not (n.tls.certificate and n.tls.private_key):
+        raise ConfigError("node.tls: enabled needs certificate and private_key")
+    if settings.series.quiet_seconds <= 0:
+        raise ConfigError("series.quiet_seconds: must be greater than 0")
+    try:
+        re.compile(settings.series.selection.description_pattern)
+        for rule in settings.series.priority_rules:
+            re.compile(rule.description_pattern)
+    except re.error as exc:
+        raise ConfigError(f"series: invalid regular expression ({exc})") from None
+    names = set()
+    for d in settings.destinations:
+        if d.name in names:
+            raise ConfigError(f"destinations: duplicate name {d.name!r}")
+        names.add(d.name)
+        if not _AE_RE.match(d.ae_title):
+            raise ConfigError(f"destinations.{d.name}.ae_title: {d.ae_title!r} is not a valid AE title")
+        if not 1 <= d.port <= 65535:
+            raise ConfigError(f"destinations.{d.name}.port: {d.port} is not a TCP port")
+    if settings.outputs.key_slices < 0:
+        raise ConfigError("outputs.key_slices: must be 0 or more")
+    if settings.log.format not in ("auto", "json", "console"):
+        raise ConfigError("log.format: must be auto, json or console")
+    if settings.workers.count < 0:
+        raise ConfigError("workers.count: must be 0 or more")
+    if settings.workers.heartbeat_seconds >= settings.workers.lease_seconds:
+        raise ConfigError("workers.heartbeat_seconds: must be shorter than lease_seconds")
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load and validate settings. Raises ConfigError with a one-line message."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror}") from None
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    settings = _build(Settings, data, "")
+    _validate(settings)
+    return settings

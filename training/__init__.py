@@ -1,0 +1,1 @@
+"""Training and evaluation of the two-stage PE model on the RSNA-STR layout."""
