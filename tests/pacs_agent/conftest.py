@@ -1,0 +1,92 @@
+"""Fixtures for pacs_agent tests: settings on temp folders, a migrated SQLite database, free ports."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_agent.db.migrate import upgrade_database
+from pacs_agent.db.session import make_engine, make_session_factory
+from pacs_agent.settings import Settings, load_settings
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_test_settings(root: Path, **overrides: Any) -> Settings:
+    """Settings for a test: spool and SQLite under ``root``, ephemeral DICOM port, short timings.
+
+    ``overrides`` are sections as dicts (``series={"quiet_seconds": 0.5}``) or ``destinations=[...]``;
+    the environment is ignored so a developer's PE_AGENT__* variables cannot leak in.
+    """
+    base: dict[str, Any] = {
+        "node": {"port": 0, "min_free_disk_mb": 1},
+        "storage": {"root": str(root / "spool")},
+        "database": {"url": f"sqlite:///{root / 'pe_agent.sqlite'}"},
+        "series": {"quiet_seconds": 1.0},
+        "workers": {
+            "count": 1, "lease_seconds": 30.0, "heartbeat_seconds": 1.0, "poll_seconds": 0.2,
+            "backoff_initial_seconds": 1.0, "backoff_max_seconds": 8.0,
+        },
+        "dispatch": {"backoff_initial_seconds": 0.5, "backoff_max_seconds": 2.0, "poll_seconds": 0.3},
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": find_free_port()}],
+        "log": {"format": "json", "level": "INFO"},
+        "http": {"enabled": False, "host": "127.0.0.1", "port": 0},
+    }
+    return load_settings(None, environ={}, overrides=_merge(base, overrides))
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """Call it for a free loopback TCP port."""
+    return find_free_port
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
+    """``settings_factory(**overrides) -> Settings`` on this test's tmp_path (see make_test_settings)."""
+
+    def make(**overrides: Any) -> Settings:
+        return make_test_settings(tmp_path, **overrides)
+
+    return make
+
+
+@dataclass(frozen=True)
+class MigratedDB:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+
+
+@pytest.fixture
+def migrated_db(settings_factory: Callable[..., Settings]) -> Iterator[MigratedDB]:
+    """A SQLite database at the newest schema revision, with its settings, engine and session factory."""
+    settings = settings_factory()
+    engine = make_engine(settings.database.url)
+    upgrade_database(settings.database.url, engine)
+    try:
+        yield MigratedDB(settings=settings, engine=engine, session_factory=make_session_factory(engine))
+    finally:
+        engine.dispose()
