@@ -1,0 +1,578 @@
+"""Build a HU volume with its geometry from the DICOM images of one CT series.
+
+Slices are ordered along the slice normal computed from ImageOrientationPatient (never by
+InstanceNumber, never by z alone), so descending, shuffled, gapped and tilted acquisitions all
+land at their real positions. Classic single-frame CT and Enhanced CT (functional groups) are
+read; pixel data of every transfer syntax a PACS sends is decoded by pydicom with its pylibjpeg
+and gdcm plugins. Images that cannot be part of the volume (localizers, other orientations,
+other sizes, duplicate positions) are dropped and listed in ``Volume.skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from pe_model.errors import (
+    InconsistentOrientationError,
+    MissingGeometryError,
+    MixedSeriesError,
+    NoImagesError,
+    NotCTError,
+    TooFewSlicesError,
+    UnreadablePixelsError,
+)
+
+log = structlog.get_logger(__name__)
+
+DICOMDIR_SOP_CLASS_UID = "1.2.840.10008.1.3.10"
+#: Two images share an orientation when their row and column directions differ by less than this.
+ORIENTATION_TOLERANCE_DEG = 1.0
+#: Two slices closer than this along the normal are duplicates of one position.
+DUPLICATE_POSITION_TOLERANCE_MM = 0.01
+#: Pixel spacings that differ by less than this are the same.
+PIXEL_SPACING_TOLERANCE_MM = 1e-3
+
+Source = str | Path | Sequence[str | Path] | Sequence[Dataset]
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A HU volume of one series, slices ascending along the slice normal.
+
+    ``voxels`` has shape (D, H, W): slice k lies at ``positions_mm[k]`` along ``normal`` and was
+    read from ``sop_instance_uids[k]`` (frame ``frame_numbers[k]`` of a multi-frame image).
+    """
+
+    voxels: np.ndarray
+    positions_mm: np.ndarray
+    image_positions: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing_mm: tuple[float, float]
+    sop_instance_uids: tuple[str, ...]
+    frame_numbers: tuple[int | None, ...]
+    study_instance_uid: str
+    series_instance_uid: str
+    slice_thickness_mm: float | None
+    skipped: tuple[tuple[str, str], ...]
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit slice normal, cross(row direction, column direction), shape (3,)."""
+        row = np.asarray(self.orientation[:3], dtype=np.float64)
+        col = np.asarray(self.orientation[3:], dtype=np.float64)
+        n = np.cross(row, col)
+        return n / np.linalg.norm(n)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        d, h, w = self.voxels.shape
+        return int(d), int(h), int(w)
+
+    def patient_position(self, slice_index: float, row: float, column: float) -> np.ndarray:
+        """Patient coordinates (3,) in LPS mm of a voxel; indices may be fractional.
+
+        A fractional slice index interpolates linearly between the ImagePositionPatient of the two
+        neighbouring slices (extrapolates beyond the ends), so uneven spacing and tilt are honoured.
+        """
+        d = self.image_positions.shape[0]
+        if d == 1:
+            origin = self.image_positions[0] + (slice_index * self.mean_slice_spacing_mm) * self.normal
+        else:
+            k0 = int(np.clip(np.floor(slice_index), 0, d - 2))
+            t = float(slice_index) - k0
+            origin = (1.0 - t) * self.image_positions[k0] + t * self.image_positions[k0 + 1]
+        row_dir = np.asarray(self.orientation[:3], dtype=np.float64)
+        col_dir = np.asarray(self.orientation[3:], dtype=np.float64)
+        row_spacing, column_spacing = self.pixel_spacing_mm
+        return np.asarray(
+            origin + column * column_spacing * row_dir + row * row_spacing * col_dir, dtype=np.float64
+        )
+
+    @property
+    def mean_slice_spacing_mm(self) -> float:
+        """Mean distance between consecutive slices along the normal (slice thickness if one slice)."""
+        if self.positions_mm.shape[0] < 2:
+            return float(self.slice_thickness_mm or 1.0)
+        return float((self.positions_mm[-1] - self.positions_mm[0]) / (self.positions_mm.shape[0] - 1))
+
+
+@dataclass(frozen=True)
+class _Image:
+    """Header facts of one frame: enough to decide whether and where it enters the volume."""
+
+    source_index: int
+    sop_instance_uid: str
+    frame_number: int | None
+    rows: int
+    columns: int
+    orientation: np.ndarray | None
+    position: np.ndarray | None
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    slope: float
+    intercept: float
+    is_localizer: bool
+    order_key: tuple[int, int, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.upper() != "DICOMDIR")
+
+
+def _read_file(path: Path, *, stop_before_pixels: bool) -> Dataset | None:
+    """Read one file, or None when it is not a DICOM image file (a DICOMDIR, a stray text file)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        # A file without the 128-byte preamble may still be DICOM: accept it only if it parses
+        # into something that names an instance.
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
+            log.info("volume.skip_non_dicom", file=path.name)
+            return None
+        if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
+            log.info("volume.skip_non_dicom", file=path.name)
+            return None
+    except (OSError, ValueError, EOFError) as exc:
+        log.info("volume.skip_unreadable_file", file=path.name, error=str(exc))
+        return None
+    media_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    if ds.get("SOPClassUID") == DICOMDIR_SOP_CLASS_UID or media_class == DICOMDIR_SOP_CLASS_UID:
+        return None
+    return ds
+
+
+def _sources(source: Source) -> list[Path | Dataset]:
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if path.is_dir():
+            return list(_dicom_files(path))
+        if path.is_file():
+            return [path]
+        raise NoImagesError(f"{path} is neither a folder nor a file")
+    items: list[Path | Dataset] = []
+    for item in source:
+        if isinstance(item, Dataset):
+            items.append(item)
+        else:
+            p = Path(item)
+            items.extend(_dicom_files(p) if p.is_dir() else [p])
+    return items
+
+
+def read_datasets(source: Source) -> list[Dataset]:
+    """Read every DICOM file of a folder (recursively, any file name), a list of paths, or datasets.
+
+    Non-DICOM files and DICOMDIRs are skipped; pixel data is read too.
+    """
+    datasets: list[Dataset] = []
+    for item in _sources(source):
+        if isinstance(item, Dataset):
+            datasets.append(item)
+            continue
+        ds = _read_file(item, stop_before_pixels=False)
+        if ds is not None:
+            datasets.append(ds)
+    return datasets
+
+
+# ---------------------------------------------------------------------------------------------
+# Header parsing
+
+
+def _floats(value: Any, n: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        return None
+    return arr
+
+
+def _valid_orientation(iop: np.ndarray | None) -> np.ndarray | None:
+    """Unit, orthogonal row/column cosines (6,), or None when they cannot describe a plane."""
+    if iop is None:
+        return None
+    row, col = iop[:3], iop[3:]
+    nr, nc = np.linalg.norm(row), np.linalg.norm(col)
+    if nr < 0.5 or nc < 0.5:
+        return None
+    row, col = row / nr, col / nc
+    if abs(float(np.dot(row, col))) > 0.01:
+        return None
+    return np.concatenate([row, col])
+
+
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def _item(ds: Dataset, frame_group: Dataset | None, sequence: str) -> Dataset | None:
+    """First item of a functional-group macro: per-frame group first, then the shared group."""
+    for group in (frame_group, _first(ds.get("SharedFunctionalGroupsSequence"))):
+        if group is not None:
+            item = _first(group.get(sequence))
+            if item is not None:
+                return item
+    return None
+
+
+def _first(seq: Any) -> Dataset | None:
+    if seq is None or len(seq) == 0:
+        return None
+    first = seq[0]
+    return first if isinstance(first, Dataset) else None
+
+
+def _is_localizer(image_type: Any) -> bool:
+    if image_type is None:
+        return False
+    values = image_type if isinstance(image_type, MultiValue | list | tuple) else [image_type]
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+
+
+def _images_of(ds: Dataset, source_index: int) -> list[_Image]:
+    """One _Image per frame of a dataset (single-frame CT gives one)."""
+    sop = str(ds.get("SOPInstanceUID", ""))
+    rows = _int_or(ds.get("Rows"), 0)
+    columns = _int_or(ds.get("Columns"), 0)
+    order_key = (
+        _int_or(ds.get("AcquisitionNumber"), 0),
+        _int_or(ds.get("InstanceNumber"), 0),
+        0,
+    )
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None:
+        spacing = _floats(ds.get("PixelSpacing"), 2)
+        return [
+            _Image(
+                source_index=source_index,
+                sop_instance_uid=sop,
+                frame_number=None,
+                rows=rows,
+                columns=columns,
+                orientation=_valid_orientation(_floats(ds.get("ImageOrientationPatient"), 6)),
+                position=_floats(ds.get("ImagePositionPatient"), 3),
+                pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
+                slice_thickness=_float_or_none(ds.get("SliceThickness")),
+                slope=_float_or_none(ds.get("RescaleSlope")) or 1.0,
+                intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
+                is_localizer=_is_localizer(ds.get("ImageType")),
+                order_key=order_key,
+            )
+        ]
+    whole_localizer = _is_localizer(ds.get("ImageType"))
+    images: list[_Image] = []
+    for i, group in enumerate(per_frame):
+        orientation_item = _item(ds, group, "PlaneOrientationSequence")
+        position_item = _item(ds, group, "PlanePositionSequence")
+        measures = _item(ds, group, "PixelMeasuresSequence")
+        transform = _item(ds, group, "PixelValueTransformationSequence")
+        frame_type = _item(ds, group, "CTImageFrameTypeSequence")
+        spacing = _floats(measures.get("PixelSpacing"), 2) if measures is not None else None
+        images.append(
+            _Image(
+                source_index=source_index,
+                sop_instance_uid=sop,
+                frame_number=i + 1,
+                rows=rows,
+                columns=columns,
+                orientation=_valid_orientation(
+                    _floats(orientation_item.get("ImageOrientationPatient"), 6)
+                    if orientation_item is not None
+                    else None
+                ),
+                position=_floats(position_item.get("ImagePositionPatient"), 3)
+                if position_item is not None
+                else None,
+                pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
+                slice_thickness=_float_or_none(measures.get("SliceThickness")) if measures is not None else None,
+                slope=(_float_or_none(transform.get("RescaleSlope")) if transform is not None else None) or 1.0,
+                intercept=(_float_or_none(transform.get("RescaleIntercept")) if transform is not None else None)
+                or 0.0,
+                is_localizer=whole_localizer
+                or (frame_type is not None and _is_localizer(frame_type.get("FrameType"))),
+                order_key=(order_key[0], order_key[1], i + 1),
+            )
+        )
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection of the images that form the volume
+
+
+def _same_orientation(a: np.ndarray, b: np.ndarray, cos_tol: float) -> bool:
+    return float(np.dot(a[:3], b[:3])) >= cos_tol and float(np.dot(a[3:], b[3:])) >= cos_tol
+
+
+def _dominant_orientation(images: list[_Image], skipped: list[tuple[str, str]], min_slices: int) -> list[_Image]:
+    cos_tol = float(np.cos(np.deg2rad(ORIENTATION_TOLERANCE_DEG)))
+    groups: list[list[_Image]] = []
+    for image in images:
+        assert image.orientation is not None
+        for group in groups:
+            assert group[0].orientation is not None
+            if _same_orientation(group[0].orientation, image.orientation, cos_tol):
+                group.append(image)
+                break
+        else:
+            groups.append([image])
+    groups.sort(key=len, reverse=True)
+    best = groups[0]
+    if len(groups) > 1:
+        if len(groups[1]) == len(best):
+            raise InconsistentOrientationError(
+                f"series has {len(groups)} orientations and the two largest hold {len(best)} images each; "
+                "cannot tell which forms the volume"
+            )
+        if len(best) < min_slices:
+            raise InconsistentOrientationError(
+                f"the largest group of images sharing one orientation holds {len(best)} of {len(images)} images; "
+                f"at least {min_slices} are needed"
+            )
+    for group in groups[1:]:
+        for image in group:
+            skipped.append((image.sop_instance_uid, "orientation differs from the series' main orientation"))
+    return best
+
+
+def _dominant_by(images: list[_Image], key: Any, skipped: list[tuple[str, str]], reason: str) -> list[_Image]:
+    counts = Counter(key(im) for im in images)
+    best_key, _ = counts.most_common(1)[0]
+    kept = []
+    for image in images:
+        if key(image) == best_key:
+            kept.append(image)
+        else:
+            skipped.append((image.sop_instance_uid, reason.format(key(image), best_key)))
+    return kept
+
+
+def _spacing_key(image: _Image) -> tuple[float, float]:
+    assert image.pixel_spacing is not None
+    return (
+        round(image.pixel_spacing[0] / PIXEL_SPACING_TOLERANCE_MM) * PIXEL_SPACING_TOLERANCE_MM,
+        round(image.pixel_spacing[1] / PIXEL_SPACING_TOLERANCE_MM) * PIXEL_SPACING_TOLERANCE_MM,
+    )
+
+
+def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.ndarray, list[tuple[str, str]]]:
+    """Images that form the volume, ascending along the normal, their positions, and the dropped ones."""
+    skipped: list[tuple[str, str]] = []
+    usable: list[_Image] = []
+    n_localizers = 0
+    for image in images:
+        if image.is_localizer:
+            n_localizers += 1
+            skipped.append((image.sop_instance_uid, "localizer (scout) image"))
+        else:
+            usable.append(image)
+    if not usable:
+        raise TooFewSlicesError(
+            f"series has 0 usable slices ({n_localizers} localizer images skipped); at least {min_slices} are needed"
+        )
+    with_geometry = []
+    for image in usable:
+        if image.orientation is None:
+            skipped.append((image.sop_instance_uid, "ImageOrientationPatient missing or invalid"))
+        elif image.position is None:
+            skipped.append((image.sop_instance_uid, "ImagePositionPatient missing or invalid"))
+        elif image.rows <= 0 or image.columns <= 0:
+            skipped.append((image.sop_instance_uid, "Rows or Columns missing"))
+        else:
+            with_geometry.append(image)
+    if not with_geometry:
+        raise MissingGeometryError(
+            f"none of the {len(usable)} images has a valid ImagePositionPatient and ImageOrientationPatient"
+        )
+    kept = _dominant_orientation(with_geometry, skipped, min_slices)
+    kept = _dominant_by(
+        kept, lambda im: (im.rows, im.columns), skipped, "image size {0[0]}x{0[1]} differs from the series' {1[0]}x{1[1]}"
+    )
+    missing_spacing = [im for im in kept if im.pixel_spacing is None]
+    if len(missing_spacing) == len(kept):
+        raise MissingGeometryError("PixelSpacing is missing or invalid in every image of the series")
+    for image in missing_spacing:
+        skipped.append((image.sop_instance_uid, "PixelSpacing missing or invalid"))
+    kept = [im for im in kept if im.pixel_spacing is not None]
+    kept = _dominant_by(
+        kept, _spacing_key, skipped, "pixel spacing {0[0]:.3f}x{0[1]:.3f} mm differs from the series' {1[0]:.3f}x{1[1]:.3f} mm"
+    )
+
+    orientation = kept[0].orientation
+    assert orientation is not None
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal /= np.linalg.norm(normal)
+    positions = np.asarray([float(np.dot(im.position, normal)) for im in kept], dtype=np.float64)
+    order = sorted(range(len(kept)), key=lambda i: (positions[i], kept[i].order_key))
+    ordered: list[_Image] = []
+    ordered_positions: list[float] = []
+    for i in order:
+        image, pos = kept[i], positions[i]
+        if ordered and pos - ordered_positions[-1] < DUPLICATE_POSITION_TOLERANCE_MM:
+            # Two images at one position: the later acquisition / instance / frame wins.
+            earlier = ordered[-1]
+            winner, loser = (image, earlier) if image.order_key >= earlier.order_key else (earlier, image)
+            if (winner.sop_instance_uid, winner.frame_number) == (loser.sop_instance_uid, loser.frame_number):
+                reason = "same image received twice"
+            else:
+                reason = f"duplicate position {pos:.2f} mm; kept the later image {winner.sop_instance_uid}"
+            skipped.append((loser.sop_instance_uid, reason))
+            ordered[-1] = winner
+        else:
+            ordered.append(image)
+            ordered_positions.append(pos)
+    if len(ordered) < min_slices:
+        raise TooFewSlicesError(
+            f"series has {len(ordered)} usable slices; at least {min_slices} are needed"
+            + (f" ({len(skipped)} images skipped)" if skipped else "")
+        )
+    return ordered, np.asarray(ordered_positions, dtype=np.float64), skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel decoding
+
+
+def _decode_into(
+    voxels: np.ndarray,
+    ordered: list[_Image],
+    sources: list[Path | Dataset],
+    headers: dict[int, Dataset],
+) -> None:
+    """Decode each chosen frame straight into its slice of ``voxels`` (D, H, W) float32, in HU."""
+    by_source: dict[int, list[tuple[int, _Image]]] = {}
+    for k, image in enumerate(ordered):
+        by_source.setdefault(image.source_index, []).append((k, image))
+    rows, columns = voxels.shape[1:]
+    for source_index, targets in by_source.items():
+        uid = targets[0][1].sop_instance_uid
+        try:
+            src = _pixel_source(sources[source_index], headers.get(source_index))
+            if targets[0][1].frame_number is None:
+                frames: Iterator[np.ndarray] = iter([pydicom.pixels.pixel_array(src)])
+            else:
+                targets.sort(key=lambda t: t[1].frame_number or 0)
+                frames = pydicom.pixels.iter_pixels(
+                    src, indices=[(im.frame_number or 1) - 1 for _, im in targets]
+                )
+            for (k, image), arr in zip(targets, frames, strict=True):
+                if arr.shape != (rows, columns):
+                    raise UnreadablePixelsError(
+                        f"image {uid} decodes to shape {arr.shape}, expected {rows}x{columns} grayscale"
+                    )
+                out = voxels[k]
+                out[...] = arr
+                if image.slope != 1.0:
+                    out *= np.float32(image.slope)
+                if image.intercept != 0.0:
+                    out += np.float32(image.intercept)
+        except UnreadablePixelsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
+            raise UnreadablePixelsError(f"cannot decode the pixel data of image {uid}: {exc}") from exc
+
+
+def _pixel_source(src: Path | Dataset, header: Dataset | None) -> Path | Dataset:
+    """What pydicom decodes from: the path itself (reads only the pixel data, keeps no copy) or,
+    for deflated files that must be inflated first, the fully read dataset."""
+    if isinstance(src, Dataset):
+        return src
+    meta = getattr(header, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(src)
+    return src
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_series(source: Source, *, min_slices: int = 10) -> Volume:
+    """Build the HU volume of one CT series from a folder, a list of paths, or datasets.
+
+    Raises a SeriesError subclass (NoImagesError, MixedSeriesError, NotCTError,
+    TooFewSlicesError, InconsistentOrientationError, MissingGeometryError, UnreadablePixelsError)
+    when the series cannot be analysed.
+    """
+    sources = _sources(source)
+    headers: dict[int, Dataset] = {}
+    for i, item in enumerate(sources):
+        ds = item if isinstance(item, Dataset) else _read_file(item, stop_before_pixels=True)
+        if ds is not None:
+            headers[i] = ds
+    image_headers = [(i, ds) for i, ds in headers.items() if "Rows" in ds and "Columns" in ds]
+    if not image_headers:
+        raise NoImagesError(f"found no DICOM images among {len(sources)} inputs")
+
+    series_uids = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in image_headers})
+    if len(series_uids) > 1:
+        raise MixedSeriesError(f"the input holds images of {len(series_uids)} series; give one series at a time")
+    study_uids = sorted({str(ds.get("StudyInstanceUID", "")) for _, ds in image_headers})
+    if len(study_uids) > 1:
+        raise MixedSeriesError(f"the input's one series spans {len(study_uids)} studies")
+    modalities = sorted({str(ds.get("Modality", "")) or "(none)" for _, ds in image_headers})
+    if modalities != ["CT"]:
+        raise NotCTError(f"series modality is {', '.join(modalities)}, not CT")
+
+    images = [im for i, ds in image_headers for im in _images_of(ds, i)]
+    ordered, positions, skipped = _select(images, min_slices)
+
+    first = ordered[0]
+    assert first.orientation is not None and first.pixel_spacing is not None
+    voxels = np.empty((len(ordered), first.rows, first.columns), dtype=np.float32)
+    _decode_into(voxels, ordered, sources, headers)
+    for uid, reason in skipped:
+        log.info("volume.image_skipped", sop_instance_uid=uid, reason=reason)
+    volume = Volume(
+        voxels=voxels,
+        positions_mm=positions,
+        image_positions=np.stack([np.asarray(im.position, dtype=np.float64) for im in ordered]),
+        orientation=np.asarray(first.orientation, dtype=np.float64),
+        pixel_spacing_mm=(float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
+        sop_instance_uids=tuple(im.sop_instance_uid for im in ordered),
+        frame_numbers=tuple(im.frame_number for im in ordered),
+        study_instance_uid=study_uids[0],
+        series_instance_uid=series_uids[0],
+        slice_thickness_mm=first.slice_thickness,
+        skipped=tuple(skipped),
+    )
+    log.info(
+        "volume.loaded",
+        series_instance_uid=volume.series_instance_uid,
+        shape=volume.shape,
+        skipped=len(skipped),
+    )
+    return volume
