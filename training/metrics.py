@@ -45,7 +45,10 @@ def _as_binary(y_true: np.ndarray | Sequence[float], name: str) -> np.ndarray:
 
 def _as_scores(y_score: np.ndarray | Sequence[float], name: str, length: int) -> np.ndarray:
     """Validate finite scores of the expected length and return them as a 1-D float64 array."""
-    array = np.asarray(y_score, dtype=np.float64)
+    try:
+        array = np.asarray(y_score, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise EvaluationInputError(f"{name} must hold numbers") from exc
     if array.ndim != 1:
         raise EvaluationInputError(f"{name} must be one-dimensional, got shape {array.shape}")
     if array.shape[0] != length:

@@ -122,6 +122,7 @@ def test_weighted_log_loss_clips_certain_mistakes() -> None:
         (lambda t, p, it, ip: ip.pop(), "one array per exam"),
         (lambda t, p, it, ip: ip.__setitem__(0, np.array([0.5, 0.5])), "values but the labels have"),
         (lambda t, p, it, ip: ip.__setitem__(2, np.array([0.1, np.nan, 0.4])), "NaN"),
+        (lambda t, p, it, ip: ip.__setitem__(0, ["high", "low", "low", "low"]), "must hold numbers"),
     ],
 )
 def test_weighted_log_loss_rejects_inputs_that_do_not_fit(change, message) -> None:  # type: ignore[no-untyped-def]
