@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pe_model.consistency import violations
 from pe_model.labels import EXAM_LABEL_WEIGHTS, EXAM_LABELS, IMAGE_LABEL, IMAGE_WEIGHT, THRESHOLD
 from training.errors import EvaluationInputError
 
@@ -263,34 +264,13 @@ def threshold_at_specificity(y_true: np.ndarray, y_score: np.ndarray, specificit
     return float(negatives[needed - 1])
 
 
-def _rule_violations(pe_probability: float, exam_probs: Mapping[str, float]) -> list[str]:
-    """Names of the SEED.md consistency rules that one exam's outputs break (empty when consistent)."""
-    above = {label: exam_probs[label] > THRESHOLD for label in EXAM_LABELS}
-    broken: list[str] = []
-    if pe_probability > THRESHOLD:
-        if above["rv_lv_ratio_gte_1"] == above["rv_lv_ratio_lt_1"]:
-            broken.append("positive exam needs exactly one of rv_lv_ratio_gte_1 / rv_lv_ratio_lt_1")
-        if not (above["central_pe"] or above["rightsided_pe"] or above["leftsided_pe"]):
-            broken.append("positive exam needs at least one of central_pe / rightsided_pe / leftsided_pe")
-        if above["chronic_pe"] and above["acute_and_chronic_pe"]:
-            broken.append("positive exam cannot be both chronic_pe and acute_and_chronic_pe")
-        if above["negative_exam_for_pe"] or above["indeterminate"]:
-            broken.append("positive exam cannot be negative_exam_for_pe or indeterminate")
-    else:
-        if above["negative_exam_for_pe"] == above["indeterminate"]:
-            broken.append("negative exam needs exactly one of negative_exam_for_pe / indeterminate")
-        positive_only = [
-            label for label in EXAM_LABELS if label not in ("negative_exam_for_pe", "indeterminate") and above[label]
-        ]
-        if positive_only:
-            broken.append(f"negative exam cannot carry {', '.join(positive_only)}")
-    return broken
-
-
 def count_violations(
     pe_probabilities: np.ndarray | Sequence[np.ndarray], exam_pred: Mapping[str, np.ndarray]
 ) -> int:
     """Number of exams whose outputs break at least one SEED.md consistency rule.
+
+    The rules are those of :func:`pe_model.consistency.violations`, the same check the predictor's
+    outputs pass, so training and inference count violations alike.
 
     ``pe_probabilities`` is either the exam-level PE probability (E,) (the highest image/chunk probability)
     or one array of image/chunk probabilities per exam, of which the highest is taken.
@@ -309,7 +289,7 @@ def count_violations(
     return sum(
         1
         for index in range(exam_pe.shape[0])
-        if _rule_violations(float(exam_pe[index]), {label: float(preds[label][index]) for label in EXAM_LABELS})
+        if violations(float(exam_pe[index]), {label: float(preds[label][index]) for label in EXAM_LABELS})
     )
 
 

@@ -425,3 +425,26 @@ def test_evaluate_predictions_without_correction_and_with_unknown_thresholds() -
     assert metrics["labels"]["central_pe"]["threshold"] == 0.5
     with pytest.raises(EvaluationInputError, match="unknown label"):
         evaluate_predictions(exam_true, exam_pred, image_true, image_pred, thresholds={"centralpe": 0.4})
+
+
+def test_correction_by_pe_model_removes_every_violation() -> None:
+    from pe_model.consistency import make_consistent
+
+    exam_true, exam_pred, image_true, image_pred = _evaluation_inputs()
+    results = [
+        make_consistent({label: float(exam_pred[label][index]) for label in EXAM_LABELS}, image_pred[index])
+        for index in range(len(image_pred))
+    ]
+    exam_corrected = {label: np.array([result.probabilities[label] for result in results]) for label in EXAM_LABELS}
+    image_corrected = [np.array(result.chunk_probabilities) for result in results]
+
+    metrics = evaluate_predictions(
+        exam_true, exam_pred, image_true, image_pred,
+        exam_pred_corrected=exam_corrected, image_pred_corrected=image_corrected,
+    )
+
+    assert metrics["consistency_violations"]["before"] > 0  # random outputs break the rules
+    assert metrics["consistency_violations"]["after"] == 0
+    assert metrics["rsna_weighted_log_loss_corrected"] == pytest.approx(
+        rsna_weighted_log_loss(exam_true, exam_corrected, image_true, image_corrected)
+    )
