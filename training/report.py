@@ -233,6 +233,10 @@ def _number(value: Any) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
 
 
+def _count(value: Any) -> str:
+    return "n/a" if value is None else str(int(value))
+
+
 def _row(name: str, summary: Mapping[str, Any]) -> str:
     area = _number(summary.get("auroc"))
     interval = f"[{_number(summary.get('ci_low'))}-{_number(summary.get('ci_high'))}]"
@@ -251,8 +255,8 @@ def _markdown(metrics: Mapping[str, Any], figures: Sequence[Path]) -> str:
         f"- exams: {metrics.get('n_exams', 'n/a')}, images: {metrics.get('n_images', 'n/a')}",
         f"- RSNA weighted log loss: {_number(metrics.get('rsna_weighted_log_loss'))}"
         f" (after consistency correction: {_number(metrics.get('rsna_weighted_log_loss_corrected'))})",
-        f"- exams violating the label consistency rules: before {violations.get('before', 'n/a')},"
-        f" after {violations.get('after', 'n/a')}",
+        f"- exams violating the label consistency rules: before {_count(violations.get('before'))},"
+        f" after correction {_count(violations.get('after'))}",
     ]
     image = metrics.get("image", {})
     if "sensitivity_at_0.85_specificity" in image:

@@ -129,6 +129,8 @@ def test_report_writes_metrics_pngs_and_markdown(tmp_path: Path) -> None:
     assert "| indeterminate | 0 / 24 | n/a [n/a-n/a] |" in report
     assert f"{metrics['rsna_weighted_log_loss']:.3f}" in report
     assert "![roc_all](roc_all.png)" in report
+    before = metrics["consistency_violations"]["before"]
+    assert f"rules: before {before}, after correction n/a" in report  # no corrected predictions given
 
 
 def test_report_without_image_arrays_has_exam_curves_only(tmp_path: Path) -> None:
