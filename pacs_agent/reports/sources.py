@@ -1,0 +1,116 @@
+"""Reading what the report writers need from the source images: headers, HU pixels, orientation.
+
+Works for single-frame CT (one dataset per slice) and Enhanced CT (one multi-frame dataset,
+geometry and rescale in functional groups; frames are 1-based as in DICOM).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pacs_agent.errors import ReportError
+
+#: Patient and study attributes an output inherits; missing ones become empty (type 2).
+_TYPE2_DEFAULTS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_PIXEL_KEYWORDS: tuple[str, ...] = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def header(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` without pixel data, with the type 2 patient/study attributes present."""
+    out = Dataset()
+    for element in ds:
+        if element.keyword in _PIXEL_KEYWORDS:
+            continue
+        out.add(copy.deepcopy(element))
+    if hasattr(ds, "file_meta"):
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    for keyword in _TYPE2_DEFAULTS:
+        if keyword not in out or out[keyword].value is None:
+            setattr(out, keyword, "")
+    return out
+
+
+def evidence_headers(source_datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Small datasets naming each source instance (UIDs only); the first carries the full header."""
+    if not source_datasets:
+        raise ReportError("no source images were given")
+    items = [header(source_datasets[0])]
+    for ds in source_datasets[1:]:
+        item = Dataset()
+        item.SOPClassUID = ds.SOPClassUID
+        item.SOPInstanceUID = ds.SOPInstanceUID
+        item.StudyInstanceUID = ds.StudyInstanceUID
+        item.SeriesInstanceUID = ds.SeriesInstanceUID
+        items.append(item)
+    return items
+
+
+def _frame_item(ds: Dataset, keyword: str, frame_number: int | None) -> Dataset | None:
+    """The functional-group macro ``keyword`` for a frame (per-frame first, then shared)."""
+    if frame_number is not None and "PerFrameFunctionalGroupsSequence" in ds:
+        per_frame = ds.PerFrameFunctionalGroupsSequence[frame_number - 1]
+        if keyword in per_frame:
+            return per_frame[keyword].value[0]
+    if "SharedFunctionalGroupsSequence" in ds:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        if keyword in shared:
+            return shared[keyword].value[0]
+    return None
+
+
+def hounsfield(ds: Dataset, frame_number: int | None = None) -> np.ndarray:
+    """(Rows, Columns) float32 HU of one slice (``frame_number`` for multi-frame images)."""
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises several types for undecodable pixel data
+        raise ReportError(f"pixel data of image {ds.SOPInstanceUID} cannot be decoded: {exc}") from exc
+    if pixels.ndim == 3:
+        index = (frame_number or 1) - 1
+        if not 0 <= index < pixels.shape[0]:
+            raise ReportError(f"image {ds.SOPInstanceUID} has no frame {frame_number}")
+        pixels = pixels[index]
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    transform = _frame_item(ds, "PixelValueTransformationSequence", frame_number)
+    if transform is not None:
+        slope = float(transform.get("RescaleSlope", slope))
+        intercept = float(transform.get("RescaleIntercept", intercept))
+    return pixels.astype(np.float32) * slope + intercept
+
+
+def image_orientation(ds: Dataset, frame_number: int | None = None) -> list[float] | None:
+    """The six direction cosines of a slice, or None when the image does not say."""
+    if "ImageOrientationPatient" in ds:
+        return [float(v) for v in ds.ImageOrientationPatient]
+    plane = _frame_item(ds, "PlaneOrientationSequence", frame_number)
+    if plane is not None and "ImageOrientationPatient" in plane:
+        return [float(v) for v in plane.ImageOrientationPatient]
+    return None
+
+
+def _letter(vector: Sequence[float]) -> str:
+    """The dominant patient direction (LPS) of a direction cosine."""
+    axis = int(np.argmax(np.abs(vector)))
+    positive = vector[axis] >= 0
+    return (("L", "R"), ("P", "A"), ("H", "F"))[axis][0 if positive else 1]
+
+
+def patient_orientation(ds: Dataset, frame_number: int | None = None) -> tuple[str, str]:
+    """Patient Orientation (row, column directions) of a slice; axial (L, P) when unknown."""
+    cosines = image_orientation(ds, frame_number)
+    if cosines is None or len(cosines) != 6:
+        return ("L", "P")
+    return (_letter(cosines[:3]), _letter(cosines[3:]))
