@@ -334,7 +334,8 @@ def lung_crop_box(grid: torch.Tensor, spacing_mm: float, margin_mm: float) -> Cr
         if box[2 * axis + 1] == coarse.shape[axis]:
             hi = shape[axis]  # the pooled grid drops a remainder of < factor voxels at the end
         bounds.extend([max(0, lo - margin), min(shape[axis], hi + margin)])
-    crop = CropBox(*bounds, basis=basis)
+    z0, z1, y0, y1, x0, x1 = bounds
+    crop = CropBox(z0, z1, y0, y1, x0, x1, basis=basis)
     if basis != "lungs":
         log.info("preprocess.no_lungs_found", crop_basis=basis)
     return crop

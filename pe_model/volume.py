@@ -436,7 +436,7 @@ def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.nda
     assert orientation is not None
     normal = np.cross(orientation[:3], orientation[3:])
     normal /= np.linalg.norm(normal)
-    positions = np.asarray([float(np.dot(im.position, normal)) for im in kept], dtype=np.float64)
+    positions = np.asarray([float(np.dot(np.asarray(im.position), normal)) for im in kept], dtype=np.float64)
     order = sorted(range(len(kept)), key=lambda i: (positions[i], kept[i].order_key))
     ordered: list[_Image] = []
     ordered_positions: list[float] = []
