@@ -1,0 +1,268 @@
+"""The whole training pipeline as resumable steps: prepare -> stage 1 -> features -> stage 2 -> evaluate -> package.
+
+Work directory layout (every step skips itself when its output exists)::
+
+    <work>/split.json  dataset_problems.json  cache/  stage1/encoder.pt  features/
+    <work>/stage2/sequence.pt  eval/metrics.json  model.pt
+
+Presets: ``seed`` (the paper's settings), ``smoke`` (tiny, for CI) and ``demo`` (a narrow model
+that trains on CPU in minutes on phantoms).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pe_model.checkpoint import ModelCard, ModelConfig, save_checkpoint
+from pe_model.preprocessing import PreprocessConfig
+from training.cache import SeriesCache, build_cache
+from training.dataset import (
+    RSNADataset,
+    Split,
+    patient_kfold,
+    read_patient_groups,
+    read_rsna_dataset,
+    seed_split,
+)
+from training.distributed import DistributedContext
+from training.errors import TrainingError
+from training.features import extract_features
+from training.stage1 import Stage1Config, load_encoder, train_stage1
+from training.stage2 import Stage2Config, load_sequence_model, train_stage2
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a pipeline run needs besides the data: sizes, both stages, workers."""
+
+    name: str
+    #: Preprocessing of the cache (the training input size: 224 in the seed).
+    cache_preprocess: PreprocessConfig
+    stage1: Stage1Config
+    stage2: Stage2Config
+    cache_workers: int = 1
+    feature_batch_size: int = 32
+
+    @property
+    def inference_preprocess(self) -> PreprocessConfig:
+        """What the packaged checkpoint and the Predictor use: the cache's settings at the eval size."""
+        return replace(self.cache_preprocess, input_size=self.stage1.input_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "cache_preprocess": self.cache_preprocess.to_dict(),
+            "stage1": self.stage1.to_dict(),
+            "stage2": self.stage2.to_dict(),
+            "cache_workers": self.cache_workers,
+            "feature_batch_size": self.feature_batch_size,
+        }
+
+
+def preset(name: str) -> Preset:
+    """The named preset: "seed", "smoke" or "demo"."""
+    if name == "seed":
+        return Preset(name="seed", cache_preprocess=PreprocessConfig(input_size=224), stage1=Stage1Config(),
+                      stage2=Stage2Config(), cache_workers=8, feature_batch_size=64)
+    if name == "smoke":
+        return Preset(
+            name="smoke",
+            cache_preprocess=PreprocessConfig(input_size=40),
+            stage1=Stage1Config(encoder_width=4, input_size=32, epochs=2, batch_size=8,
+                                positive_fraction=0.5, samples_per_epoch=32, amp=False),
+            stage2=Stage2Config(hidden=16, seq_len=16, epochs=4, batch_size=4),
+            cache_workers=1,
+            feature_batch_size=16,
+        )
+    if name == "demo":
+        return Preset(
+            name="demo",
+            cache_preprocess=PreprocessConfig(input_size=136),
+            stage1=Stage1Config(encoder_width=8, input_size=128, epochs=6, batch_size=16,
+                                learning_rate=1e-3, positive_fraction=0.4, samples_per_epoch=640,
+                                rotation_probability=0.1, rotation_degrees=10.0, aux_exam_weight=0.5),
+            stage2=Stage2Config(hidden=32, seq_len=40, epochs=80, batch_size=16, learning_rate=1e-3,
+                                dropout=0.2, patience=20),
+            cache_workers=2,
+            feature_batch_size=32,
+        )
+    raise TrainingError(f"unknown preset {name!r}; choose seed, smoke or demo")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each step of a run writes."""
+
+    work: Path
+
+    @property
+    def split(self) -> Path:
+        return self.work / "split.json"
+
+    @property
+    def problems(self) -> Path:
+        return self.work / "dataset_problems.json"
+
+    @property
+    def cache(self) -> Path:
+        return self.work / "cache"
+
+    @property
+    def stage1(self) -> Path:
+        return self.work / "stage1"
+
+    @property
+    def encoder(self) -> Path:
+        return self.stage1 / "encoder.pt"
+
+    @property
+    def features(self) -> Path:
+        return self.work / "features"
+
+    @property
+    def stage2(self) -> Path:
+        return self.work / "stage2"
+
+    @property
+    def sequence(self) -> Path:
+        return self.stage2 / "sequence.pt"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.work / "eval"
+
+    @property
+    def model(self) -> Path:
+        return self.work / "model.pt"
+
+
+def load_dataset(data_dir: str | Path) -> RSNADataset:
+    return read_rsna_dataset(data_dir)
+
+
+def make_split(dataset: RSNADataset, paths: RunPaths, *, kfold: int | None = None, fold: int = 0) -> Split:
+    """The split of this run, written once to split.json and reused on every re-run."""
+    if paths.split.is_file():
+        return Split.from_json_dict(json.loads(paths.split.read_text()))
+    split = seed_split(record.key for record in dataset.series)
+    if kfold is not None:
+        # Keep the seed's test set; regroup train + validation into patient-grouped folds.
+        groups = read_patient_groups(dataset)
+        pool = {k: groups[k] for k in (*split.train, *split.validation)}
+        folds = patient_kfold(pool, kfold)
+        if not 0 <= fold < kfold:
+            raise TrainingError(f"fold {fold} does not exist in a {kfold}-fold split")
+        split = Split(train=folds[fold].train, validation=folds[fold].validation, test=split.test)
+    paths.work.mkdir(parents=True, exist_ok=True)
+    paths.split.write_text(json.dumps(split.to_json_dict(), indent=1))
+    return split
+
+
+def prepare(dataset: RSNADataset, paths: RunPaths, settings: Preset, *, progress: bool = True) -> SeriesCache:
+    paths.work.mkdir(parents=True, exist_ok=True)
+    paths.problems.write_text(json.dumps([p.to_json_dict() for p in dataset.problems], indent=1))
+    build_cache(dataset.series, paths.cache, settings.cache_preprocess, workers=settings.cache_workers,
+                progress=progress)
+    return SeriesCache(paths.cache)
+
+
+def _usable(keys: tuple[str, ...], cache: SeriesCache) -> list[str]:
+    return [k for k in keys if k in cache.entries]
+
+
+def package(paths: RunPaths, settings: Preset, card: ModelCard, out: str | Path | None = None) -> str:
+    """Write the deployable checkpoint (both stages + preprocessing + card); returns its sha256."""
+    encoder = load_encoder(paths.encoder)
+    sequence = load_sequence_model(paths.sequence)
+    return save_checkpoint(
+        out or paths.model,
+        encoder_state=encoder.state_dict(),
+        sequence_state=sequence.state_dict(),
+        model_config=ModelConfig(encoder_width=encoder.width, sequence=sequence.config),
+        preprocess_config=settings.inference_preprocess,
+        card=card,
+    )
+
+
+def default_card(settings: Preset, dataset: RSNADataset, metrics: Mapping[str, Any] | None) -> ModelCard:
+    figures: dict[str, float] = {}
+    if metrics:
+        for key in ("rsna_weighted_log_loss", "rsna_weighted_log_loss_corrected"):
+            if isinstance(metrics.get(key), (int, float)):
+                figures[f"test_{key}"] = float(metrics[key])
+        image = metrics.get("image") or {}
+        if isinstance(image.get("auroc"), (int, float)):
+            figures["test_image_auroc"] = float(image["auroc"])
+    return ModelCard(
+        name=f"pe-triage-{settings.name}",
+        version=datetime.now(UTC).strftime("%Y.%m.%d"),
+        training_data=f"RSNA-STR layout dataset at {dataset.root.name} ({len(dataset.series)} series)",
+        intended_use="research model trained by pe-train; unverified AI output, not a medical device",
+        metrics=figures,
+        not_for_clinical_use=True,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def run_pipeline(
+    data_dir: str | Path,
+    work_dir: str | Path,
+    settings: Preset,
+    *,
+    context: DistributedContext,
+    kfold: int | None = None,
+    fold: int = 0,
+    progress: bool = True,
+    card: ModelCard | None = None,
+) -> Path:
+    """Run every step that is not done yet; returns the packaged checkpoint path."""
+    paths = RunPaths(Path(work_dir))
+    dataset = load_dataset(data_dir)
+    if context.is_main:
+        make_split(dataset, paths, kfold=kfold, fold=fold)
+        (paths.work / "preset.json").write_text(json.dumps(settings.to_dict(), indent=1))
+        prepare(dataset, paths, settings, progress=progress)
+    context.barrier()
+    split = Split.from_json_dict(json.loads(paths.split.read_text()))
+    cache = SeriesCache(paths.cache)
+    train_keys, validation_keys, test_keys = (_usable(part, cache) for part in
+                                              (split.train, split.validation, split.test))
+    log.info("pipeline.split", train=len(train_keys), validation=len(validation_keys), test=len(test_keys))
+    if not paths.encoder.is_file():
+        train_stage1(cache, train_keys, validation_keys, settings.stage1, paths.stage1, context=context,
+                     progress=progress)
+    else:
+        log.info("pipeline.skip", step="stage1", reason="encoder.pt exists")
+    all_keys = sorted(cache.entries)
+    extract_features(cache, all_keys, paths.encoder, paths.features, input_size=settings.stage1.input_size,
+                     context=context, batch_size=settings.feature_batch_size, progress=progress,
+                     amp=settings.stage1.amp)
+    labels = {k: dict(cache.entries[k].exam_labels) for k in all_keys}
+    if not paths.sequence.is_file():
+        train_stage2(paths.features, train_keys, validation_keys, labels, settings.stage2, paths.stage2,
+                     context=context, progress=progress)
+    else:
+        log.info("pipeline.skip", step="stage2", reason="sequence.pt exists")
+    metrics: dict[str, Any] | None = None
+    if context.is_main:
+        metrics_path = paths.evaluation / "metrics.json"
+        if test_keys and not metrics_path.is_file():
+            from training.evaluate import evaluate_split
+
+            evaluate_split(cache, dataset.by_key(), test_keys, paths.features, paths.sequence, paths.evaluation)
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text())
+        if not paths.model.is_file():
+            sha = package(paths, settings, card or default_card(settings, dataset, metrics))
+            log.info("pipeline.packaged", path=str(paths.model), sha256=sha)
+    context.barrier()
+    return paths.model

@@ -1,0 +1,413 @@
+"""Stage 1: the R3D-18 chunk encoder trained on chunk-level PE labels from the cache.
+
+Seed defaults: Adam 4e-4, batch 16, 20 epochs, BCE on one logit; training chunks come from the
+cache at 224 and are randomly cropped to 192 (the same crop for the whole chunk), with a rare
+small rotation; validation chunks are resized to 192. AMP (bf16, else fp16 + GradScaler) and
+channels_last_3d on CUDA. One state file per epoch allows resuming after an interruption; the
+encoder with the best validation AUROC is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from pe_model.labels import EXAM_LABELS
+from pe_model.networks.r3d18 import R3D18, to_network_input
+from training.cache import SeriesCache
+from training.distributed import DistributedContext
+from training.errors import CheckpointStateError, TrainingError
+
+log = structlog.get_logger(__name__)
+
+#: Exam labels that describe the clot itself: an auxiliary target only on chunks that show PE.
+_CLOT_LABELS = ("chronic_pe", "acute_and_chronic_pe", "central_pe", "leftsided_pe", "rightsided_pe")
+_CLOT_MASK = np.array([name in _CLOT_LABELS for name in EXAM_LABELS], dtype=bool)
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Hyper-parameters of stage 1 (defaults: the seed's)."""
+
+    encoder_width: int = 64
+    input_size: int = 192
+    epochs: int = 20
+    batch_size: int = 16
+    learning_rate: float = 4e-4
+    rotation_probability: float = 0.1
+    rotation_degrees: float = 15.0
+    #: None: every training chunk once per epoch, shuffled (the seed). A fraction: each epoch
+    #: draws ``samples_per_epoch`` chunks with that share of positive chunks (for tiny datasets).
+    positive_fraction: float | None = None
+    samples_per_epoch: int | None = None
+    #: Weight of an auxiliary head predicting the exam labels from chunk features (0 = seed, off).
+    #: Clot labels (location, chronicity) are targets only on positive chunks. The head is dropped
+    #: after training; it only teaches the features where and what the clot is.
+    aux_exam_weight: float = 0.0
+    num_workers: int = 0
+    seed: int = 0
+    #: A torchvision r3d_18 state-dict file (Kinetics) to start from (width 64 only).
+    init_weights: str | None = None
+    amp: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Stage1Config:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def resize_chunk(chunk: Tensor, size: int) -> Tensor:
+    """Resize the slices of one uint8 chunk (3, D, S, S) to (3, D, size, size) (evaluation path)."""
+    if chunk.shape[-1] == size and chunk.shape[-2] == size:
+        return chunk
+    slices = chunk.permute(1, 0, 2, 3).float()  # (D, 3, S, S)
+    resized = F.interpolate(slices, size=(size, size), mode="bilinear", align_corners=False,
+                            antialias=True)
+    return resized.round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()
+
+
+def augment_chunk(chunk: Tensor, size: int, rotation_probability: float, rotation_degrees: float) -> Tensor:
+    """Training path: random ``size`` crop shared by all slices, then rarely a small rotation.
+
+    chunk (3, D, S, S) uint8 with S >= size -> (3, D, size, size) uint8.
+    """
+    side = chunk.shape[-1]
+    if side < size:
+        raise TrainingError(f"cached slices are {side} px, smaller than the {size} px network input")
+    top = int(torch.randint(0, chunk.shape[-2] - size + 1, ()).item())
+    left = int(torch.randint(0, side - size + 1, ()).item())
+    out = chunk[:, :, top:top + size, left:left + size]
+    if rotation_probability > 0 and float(torch.rand(())) < rotation_probability:
+        angle = math.radians(float(torch.empty(()).uniform_(-rotation_degrees, rotation_degrees)))
+        cos, sin = math.cos(angle), math.sin(angle)
+        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)
+        slices = out.permute(1, 0, 2, 3).float()  # (D, 3, s, s)
+        grid = F.affine_grid(theta.expand(slices.shape[0], 2, 3), list(slices.shape), align_corners=False)
+        rotated = F.grid_sample(slices, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = rotated.round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3)
+    return out.contiguous()
+
+
+class ChunkDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
+    """Every chunk of the given exams, read from the memory-mapped cache.
+
+    Items: (chunk (3, D, s, s) uint8, label () float32, aux target (9,) float32).
+    """
+
+    def __init__(self, cache: SeriesCache, keys: Sequence[str], *, input_size: int, train: bool,
+                 rotation_probability: float = 0.0, rotation_degrees: float = 15.0) -> None:
+        self.cache = cache
+        self.input_size = input_size
+        self.train = train
+        self.rotation_probability = rotation_probability
+        self.rotation_degrees = rotation_degrees
+        index: list[tuple[str, int]] = []
+        labels: list[int] = []
+        aux: list[np.ndarray] = []
+        for key in keys:
+            entry = cache.entries[key]
+            exam = np.array([entry.exam_labels[name] for name in EXAM_LABELS], dtype=np.float32)
+            for c, label in enumerate(entry.chunk_labels):
+                index.append((key, c))
+                labels.append(int(label))
+                aux.append(exam if label else np.where(_CLOT_MASK, 0.0, exam).astype(np.float32))
+        self.index = index
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.aux_targets = np.stack(aux) if aux else np.zeros((0, len(EXAM_LABELS)), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        key, c = self.index[i]
+        chunk = torch.from_numpy(np.array(self.cache.chunks(key)[c]))  # copy out of the memory map
+        if self.train:
+            chunk = augment_chunk(chunk, self.input_size, self.rotation_probability, self.rotation_degrees)
+        else:
+            chunk = resize_chunk(chunk, self.input_size)
+        return (chunk, torch.tensor(float(self.labels[i])), torch.from_numpy(self.aux_targets[i]))
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch, sharded over ranks like DistributedSampler.
+
+    Without ``positive_fraction``: a seeded permutation of all items (what DistributedSampler
+    does). With it: ``samples_per_epoch`` draws, that share positive (with replacement when
+    there are few positives), the rest negative — for small synthetic datasets where PE chunks
+    are rare.
+    """
+
+    def __init__(self, labels: np.ndarray, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 positive_fraction: float | None = None, samples_per_epoch: int | None = None) -> None:
+        self.labels = np.asarray(labels)
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.positive_fraction = positive_fraction
+        self.samples_per_epoch = samples_per_epoch or len(self.labels)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _epoch_indices(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.positive_fraction is None:
+            order = rng.permutation(len(self.labels))
+        else:
+            positives = np.flatnonzero(self.labels == 1)
+            negatives = np.flatnonzero(self.labels == 0)
+            n_pos = int(round(self.samples_per_epoch * self.positive_fraction)) if len(positives) else 0
+            n_neg = self.samples_per_epoch - n_pos
+            pos = rng.choice(positives, n_pos, replace=n_pos > len(positives)) if n_pos else positives[:0]
+            neg = (rng.choice(negatives, n_neg, replace=n_neg > len(negatives))
+                   if len(negatives) and n_neg else negatives[:0])
+            order = rng.permutation(np.concatenate([pos, neg]))
+        per_rank = math.ceil(len(order) / self.world_size)
+        padded = np.resize(order, per_rank * self.world_size) if len(order) else order
+        return padded[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(int(i) for i in self._epoch_indices())
+
+    def __len__(self) -> int:
+        return math.ceil(
+            (self.samples_per_epoch if self.positive_fraction is not None else len(self.labels))
+            / self.world_size
+        )
+
+
+class Stage1Net(nn.Module):
+    """The encoder plus the optional auxiliary exam-label head (one module for DDP)."""
+
+    def __init__(self, width: int, aux: bool) -> None:
+        super().__init__()
+        self.encoder = R3D18(width=width, num_classes=1)
+        self.aux = nn.Linear(self.encoder.feature_dim, len(EXAM_LABELS)) if aux else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x (N, 3, D, H, W) float -> (PE logit (N,), aux logits (N, 9) or None)."""
+        features = self.encoder.features(x)
+        logit = self.encoder.fc(features).squeeze(-1)
+        return logit, (self.aux(features) if self.aux is not None else None)
+
+
+@dataclass(frozen=True)
+class Stage1Result:
+    """Where the trained encoder is and how good it was."""
+
+    encoder_path: Path
+    best_epoch: int
+    best_validation_auroc: float | None
+    history: tuple[dict[str, float | None], ...]
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    x = to_network_input(x.to(device, non_blocking=True))
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+@torch.inference_mode()
+def predict_chunks(encoder: R3D18, loader: DataLoader[Any], device: torch.device, *, amp: bool = True,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """PE probabilities and labels of every chunk a loader yields (eval mode)."""
+    encoder.eval()
+    scores: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for chunks, label, _ in tqdm(loader, desc="validate", disable=not progress, leave=False):
+        with _autocast(device, amp):
+            logits = encoder(_to_device(chunks, device)).squeeze(-1)
+        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+        labels.append(label.numpy())
+    if not scores:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def _validation_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    from training.metrics import auroc
+
+    if len(np.unique(labels)) < 2:
+        return None
+    value = float(auroc(labels.astype(np.int64), scores))
+    return None if math.isnan(value) else value
+
+
+def train_stage1(
+    cache: SeriesCache,
+    train_keys: Sequence[str],
+    validation_keys: Sequence[str],
+    config: Stage1Config,
+    out_dir: str | Path,
+    *,
+    context: DistributedContext,
+    progress: bool = True,
+) -> Stage1Result:
+    """Train (or resume) stage 1 and write ``<out_dir>/encoder.pt`` (best encoder state dict).
+
+    Per epoch rank 0 writes ``epoch_NNN.pt`` (encoder weights) and ``state.pt`` (everything
+    needed to resume: weights, optimizer, scaler, epoch, history). Re-running after an
+    interruption continues after the last finished epoch.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = context.device
+    torch.manual_seed(config.seed + context.rank)
+    net = Stage1Net(config.encoder_width, aux=config.aux_exam_weight > 0)
+    if config.init_weights:
+        net.encoder.load_torchvision_state_dict(config.init_weights)
+        log.info("stage1.init_weights", path=config.init_weights)
+    net.to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    start_epoch = 0
+    history: list[dict[str, float | None]] = []
+    best_auroc: float | None = None
+    best_epoch = -1
+    state_path = out / "state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("config") != config.to_dict():
+            raise CheckpointStateError(
+                f"{state_path} was written by a stage-1 run with other settings; use a new work directory"
+            )
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state["history"])
+        best_auroc = state["best_auroc"]
+        best_epoch = int(state["best_epoch"])
+        log.info("stage1.resume", from_epoch=start_epoch)
+
+    train_set = ChunkDataset(cache, train_keys, input_size=config.input_size, train=True,
+                             rotation_probability=config.rotation_probability,
+                             rotation_degrees=config.rotation_degrees)
+    validation_set = ChunkDataset(cache, validation_keys, input_size=config.input_size, train=False)
+    if len(train_set) == 0:
+        raise TrainingError("stage 1 has no training chunk (is the cache empty?)")
+    sampler = EpochSampler(train_set.labels, rank=context.rank, world_size=context.world_size,
+                           seed=config.seed, positive_fraction=config.positive_fraction,
+                           samples_per_epoch=config.samples_per_epoch)
+    loader_args: dict[str, Any] = {
+        "num_workers": config.num_workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": config.num_workers > 0,
+    }
+    if config.num_workers > 0:
+        loader_args["prefetch_factor"] = 4
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=False,
+                              **loader_args)
+    validation_loader = DataLoader(validation_set, batch_size=config.batch_size, shuffle=False,
+                                   **loader_args)
+    model: nn.Module = net
+    if context.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        started = time.perf_counter()
+        total_loss = 0.0
+        seen = 0
+        bar = tqdm(train_loader, desc=f"stage1 epoch {epoch + 1}/{config.epochs}",
+                   disable=not (progress and context.is_main), leave=False)
+        for chunks, labels, aux_targets in bar:
+            x = _to_device(chunks, device)
+            y = labels.to(device)
+            with _autocast(device, config.amp):
+                logits, aux_logits = model(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            if aux_logits is not None:
+                loss = loss + config.aux_exam_weight * F.binary_cross_entropy_with_logits(
+                    aux_logits.float(), aux_targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += float(loss.item()) * len(labels)
+            seen += len(labels)
+            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}")
+        seconds = time.perf_counter() - started
+        record: dict[str, float | None] = {
+            "epoch": float(epoch),
+            "train_loss": total_loss / max(seen, 1),
+            "chunks_per_second": seen * context.world_size / max(seconds, 1e-9),
+            "validation_auroc": None,
+        }
+        if context.is_main:
+            if len(validation_set):
+                scores, labels_np = predict_chunks(net.encoder, validation_loader, device, amp=config.amp)
+                record["validation_auroc"] = _validation_auroc(scores, labels_np)
+            history.append(record)
+            auc = record["validation_auroc"]
+            improved = best_epoch < 0 or (auc is not None and (best_auroc is None or auc > best_auroc))
+            if improved:
+                best_auroc, best_epoch = auc, epoch
+                torch.save(net.encoder.state_dict(), out / "best_encoder.pt")
+            torch.save(net.encoder.state_dict(), out / f"epoch_{epoch:03d}.pt")
+            tmp = out / "state.pt.tmp"
+            torch.save({
+                "config": config.to_dict(),
+                "net": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "best_auroc": best_auroc,
+                "best_epoch": best_epoch,
+            }, tmp)
+            tmp.replace(state_path)
+            log.info("stage1.epoch", epoch=epoch + 1, epochs=config.epochs,
+                     train_loss=round(float(record["train_loss"] or 0.0), 5),
+                     validation_auroc=None if auc is None else round(auc, 4),
+                     chunks_per_second=round(float(record["chunks_per_second"] or 0.0), 1),
+                     seconds=round(seconds, 1))
+        context.barrier()
+
+    encoder_path = out / "encoder.pt"
+    if context.is_main:
+        best = torch.load(out / "best_encoder.pt", map_location="cpu", weights_only=True)
+        torch.save({"encoder": best, "width": config.encoder_width, "best_epoch": best_epoch,
+                    "best_validation_auroc": best_auroc, "history": history}, encoder_path)
+        log.info("stage1.done", best_epoch=best_epoch + 1, best_validation_auroc=best_auroc)
+    context.barrier()
+    return Stage1Result(encoder_path=encoder_path, best_epoch=best_epoch,
+                        best_validation_auroc=best_auroc, history=tuple(history))
+
+
+def load_encoder(path: str | Path) -> R3D18:
+    """The trained encoder written by ``train_stage1`` (eval mode, CPU)."""
+    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    encoder = R3D18(width=int(data["width"]), num_classes=1)
+    encoder.load_state_dict(data["encoder"])
+    return encoder.eval()
