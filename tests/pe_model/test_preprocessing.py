@@ -8,7 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
+from pe_model.phantoms import PhantomSpec, generate_volume
 from pe_model.preprocessing import (
     CropBox,
     PreprocessConfig,
@@ -306,3 +308,71 @@ def test_heatmap_is_zero_outside_the_crop() -> None:
     assert some[0, 0] == 0.0
     with pytest.raises(ValueError, match="shape"):
         series.heatmap_to_source(volume, 0, np.ones((10, 16, 16)))
+
+
+# ---- on phantoms (pe_model.phantoms) ------------------------------------------------------------
+
+
+def _phantom_volume(spec: PhantomSpec) -> Volume:
+    hu, geometry, _ = generate_volume(spec)
+    orientation = np.asarray(geometry.image_orientation_patient, dtype=np.float64)
+    image_positions = np.asarray(geometry.image_positions_patient, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    d = hu.shape[0]
+    return Volume(
+        voxels=hu.astype(np.float32),
+        positions_mm=image_positions @ normal,
+        image_positions=image_positions,
+        orientation=orientation,
+        pixel_spacing_mm=geometry.pixel_spacing_mm,
+        sop_instance_uids=tuple(f"1.2.3.{k}" for k in range(d)),
+        frame_numbers=(None,) * d,
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        slice_thickness_mm=geometry.slice_thickness_mm,
+        skipped=(),
+    )
+
+
+def test_crop_box_contains_both_lungs_of_a_phantom() -> None:
+    spec = PhantomSpec(n_slices=50, rows=64, columns=64, pixel_spacing_mm=5.5, slice_spacing_mm=6.0, noise_hu=10.0)
+    volume = _phantom_volume(spec)
+    config = PreprocessConfig(spacing_mm=2.0, input_size=32, crop_margin_mm=0.0)
+    series = preprocess(volume, config)
+    assert series.crop.basis == "lungs"
+    # Truth: air inside the body = components below -500 HU that do not touch the image border.
+    labels, n = ndimage.label(volume.voxels < -500)
+    border = set(np.unique(np.concatenate([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], axis=None)))
+    sizes = np.bincount(labels.ravel())
+    inner = sorted((i for i in range(1, n + 1) if i not in border), key=lambda i: -sizes[i])[:2]
+    lungs = np.argwhere(np.isin(labels, inner))
+    assert len(lungs) > 0
+    # every lung voxel's centre, mapped into the resampled grid, lies in the crop (one voxel slack)
+    _, gy, gx = series.resampled_shape
+    ry, rx = gy / volume.shape[1], gx / volume.shape[2]
+    z = (volume.positions_mm[lungs[:, 0]] - volume.positions_mm[0]) / config.spacing_mm
+    y = (lungs[:, 1] + 0.5) * ry - 0.5
+    x = (lungs[:, 2] + 0.5) * rx - 0.5
+    crop = series.crop
+    assert z.min() >= crop.z0 - 1 and z.max() <= crop.z1 and y.min() >= crop.y0 - 1 and y.max() <= crop.y1
+    assert x.min() >= crop.x0 - 1 and x.max() <= crop.x1
+    # and the crop is not the whole body: lungs end above the lowest slices of the phantom
+    assert crop.shape[0] < series.resampled_shape[0] or crop.shape[2] < gx
+    for name in ("right_lung", "left_lung", "pulmonary_trunk"):
+        point = np.asarray(spec_landmark(spec, name))
+        grid_z = (float(point @ volume.normal) - volume.positions_mm[0]) / config.spacing_mm
+        assert crop.z0 <= grid_z < crop.z1, name
+
+
+def spec_landmark(spec: PhantomSpec, name: str) -> tuple[float, float, float]:
+    _, _, truth = generate_volume(spec)
+    return truth.landmarks_patient_mm[name]
+
+
+def test_head_phantom_falls_back_to_the_body_box() -> None:
+    spec = PhantomSpec(kind="head", pe=False, n_slices=30, rows=48, columns=48, pixel_spacing_mm=5.0, slice_spacing_mm=5.0)
+    series = preprocess(_phantom_volume(spec), PreprocessConfig(spacing_mm=3.0, input_size=32))
+    assert series.crop.basis == "body"
+    _, y, x = series.resampled_shape
+    assert series.crop.shape[1] < y and series.crop.shape[2] < x  # the air around the head is cut
+    assert series.chunks.shape[1:] == (3, 10, 32, 32)

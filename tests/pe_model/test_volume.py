@@ -24,6 +24,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
+    UID,
     generate_uid,
 )
 
@@ -36,6 +37,7 @@ from pe_model.errors import (
     TooFewSlicesError,
     UnreadablePixelsError,
 )
+from pe_model.phantoms import SUPPORTED_TRANSFER_SYNTAXES, PhantomSpec, generate_volume, write_phantom_series
 from pe_model.volume import Volume, load_series, read_datasets
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -474,3 +476,51 @@ def test_unreadable_pixels(tmp_path: Path) -> None:
         load_series(datasets)
     assert "\n" not in str(info.value)
     assert info.value.__cause__ is not None
+
+
+# ---- phantom series (pe_model.phantoms) -------------------------------------------------------
+
+PHANTOM = PhantomSpec(n_slices=40, rows=64, columns=64, pixel_spacing_mm=5.5, slice_spacing_mm=6.0, noise_hu=8.0)
+
+
+@pytest.fixture(scope="module")
+def phantom_hu() -> np.ndarray:
+    voxels, _, _ = generate_volume(PHANTOM)
+    return voxels.astype(np.float32)
+
+
+@pytest.mark.parametrize("transfer_syntax", SUPPORTED_TRANSFER_SYNTAXES, ids=lambda uid: UID(uid).keyword)
+def test_phantom_series_in_every_phantom_transfer_syntax(
+    tmp_path: Path, phantom_hu: np.ndarray, transfer_syntax: str
+) -> None:
+    truth = write_phantom_series(tmp_path, PHANTOM, transfer_syntax_uid=transfer_syntax, file_names="index")
+    assert pydicom.dcmread(truth.files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == transfer_syntax
+    volume = load_series(tmp_path)
+    np.testing.assert_allclose(volume.positions_mm, truth.slice_positions_mm, atol=1e-6)
+    assert volume.sop_instance_uids == truth.sop_instance_uids
+    assert volume.study_instance_uid == truth.study_instance_uid
+    assert volume.series_instance_uid == truth.series_instance_uid
+    np.testing.assert_array_equal(volume.voxels, phantom_hu)  # all phantom syntaxes are lossless
+    assert volume.skipped == ()
+
+
+def test_enhanced_phantom_matches_single_frame(tmp_path: Path, phantom_hu: np.ndarray) -> None:
+    truth = write_phantom_series(tmp_path, PHANTOM, enhanced=True, signed_pixels=True)
+    volume = load_series(tmp_path)
+    assert volume.frame_numbers == tuple(range(1, PHANTOM.n_slices + 1))
+    np.testing.assert_allclose(volume.positions_mm, truth.slice_positions_mm, atol=1e-6)
+    np.testing.assert_array_equal(volume.voxels, phantom_hu)
+
+
+def test_phantom_landmark_lies_in_its_anatomy(tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path, PHANTOM)
+    volume = load_series(tmp_path)
+    # patient -> voxel via the volume's own geometry: the lung landmark must read lung HU
+    for name, low, high in [("right_lung", -1000, -700), ("left_lung", -1000, -700), ("vertebral_body", 150, 900)]:
+        point = np.asarray(truth.landmarks_patient_mm[name])
+        k = int(np.argmin(np.abs(volume.positions_mm - float(np.dot(point, volume.normal)))))
+        offset = point - volume.image_positions[k]
+        column = round(float(np.dot(offset, volume.orientation[:3])) / volume.pixel_spacing_mm[1])
+        row = round(float(np.dot(offset, volume.orientation[3:])) / volume.pixel_spacing_mm[0])
+        assert low <= volume.voxels[k, row, column] <= high, name
+        np.testing.assert_allclose(volume.patient_position(k, row, column), point, atol=4.0)
