@@ -91,7 +91,7 @@ PATIENT_VALUES = PatientValueRegistry()
 
 def protect_patient_values(dataset: Any) -> None:
     """Remember the patient name, ID and birth date of a pydicom dataset so they are masked in logs."""
-    values = []
+    values: list[str] = []
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames"):
         value = getattr(dataset, keyword, None)
         if value is None or value == "":

@@ -14,14 +14,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pacs_agent.db.models import Flag, Job, JobStatus, Result, Series, Study, utcnow
-from pe_model.labels import SERIES_PE_KEY, THRESHOLD
-from pe_model.prediction import Prediction
+
+if TYPE_CHECKING:  # pe_model pulls in torch; the admin CLI reads the worklist without it
+    from pe_model.prediction import Prediction
+
+#: pe_model.labels.THRESHOLD: the decision threshold of the consistency rules.
+THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,9 @@ class WorklistEntry:
 
 
 def _finding(finding: Prediction | Result) -> tuple[bool, float, Mapping[str, Any]]:
-    if isinstance(finding, Prediction):
-        return bool(finding.pe_present), float(finding.probabilities[SERIES_PE_KEY]), finding.labels
-    return bool(finding.pe_present), float(finding.pe_probability), finding.labels or {}
+    if isinstance(finding, Result):
+        return bool(finding.pe_present), float(finding.pe_probability), finding.labels or {}
+    return bool(finding.pe_present), float(finding.series_pe_probability), finding.labels
 
 
 def flag_for(finding: Prediction | Result, review_margin: float) -> Flag:
