@@ -1,0 +1,754 @@
+"""The receiver: a pynetdicom storage SCP that puts acknowledged instances in the spool.
+
+Hot path (one thread per association, run by pynetdicom): the dataset is streamed to a temp file while
+it arrives (``STORE_RECV_CHUNKED_DATASET``: pynetdicom writes preamble, file meta and the received bytes,
+so the file is already a Part 10 file), its header is read up to the pixel data, the UIDs are validated
+and the file is renamed into ``incoming/<study>/<series>/<sop>.dcm``. Only then is 0x0000 returned.
+No database work happens there: the handler puts a small record on an in-process queue and one writer
+thread commits whatever has accumulated in one transaction (associations opened and closed in order),
+so the database sees a few transactions per second whatever the instance rate. `Receiver.flush` waits
+until everything received so far is committed. If the process dies between rename and commit, the
+start-up reconciliation finds the spool files that have no Instance row and records them.
+
+Statuses: 0x0000 stored, duplicate (not stored twice) or another storage SOP class (recorded as ignored);
+0xA700 below the disk floor or the spool cannot be written; 0xA900 invalid or missing UIDs; 0xC210 a
+dataset that cannot be read. Handlers never raise.
+
+Note: ``STORE_RECV_CHUNKED_DATASET`` is a pynetdicom module setting, so it applies to every SCP in the
+process once the receiver starts; other SCPs should read ``event.dataset`` (which handles it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import ssl
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Any, cast
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event as DicomEvent
+from pynetdicom.sop_class import EnhancedCTImageStorage, CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_agent.db.models import Association, Instance, Series, SeriesState
+from pacs_agent.db.session import transaction
+from pacs_agent.errors import AgentError, InvalidUIDError, StorageError
+from pacs_agent.events import record_event
+from pacs_agent.logging import get_logger, protect_patient_values
+from pacs_agent.settings import Settings, TLSSettings
+from pacs_agent.storage import INSTANCE_SUFFIX, Spool, validate_uid
+
+log = get_logger(__name__)
+
+#: The SOP classes whose instances form the series that are analysed.
+ANALYSED_SOP_CLASSES: frozenset[str] = frozenset({str(CTImageStorage), str(EnhancedCTImageStorage)})
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+
+#: Header elements read on the hot path (everything else is read later by the tracker and worker).
+_HEADER_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesDescription",
+    "AccessionNumber",
+    # Read only so that the log pipeline can mask them (pacs_agent.logging); never stored or logged.
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+)
+#: Series whose patient values were handed to the log mask recently (once per series, not per instance).
+_PROTECTED_SERIES_MAX = 1024
+_BATCH_MAX = 1000
+_RETRY_MAX_SECONDS = 5.0
+
+
+class ReceiverError(AgentError):
+    """The receiver cannot start (port in use, TLS files unreadable)."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _clip(value: Any, length: int) -> str:
+    text = "" if value is None else str(value).strip()
+    return text[:length]
+
+
+@dataclass(frozen=True)
+class AssociationOpened:
+    association_id: str
+    calling_ae_title: str
+    peer_address: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class AssociationClosed:
+    association_id: str
+    reason: str
+    at: datetime
+    stored: int
+    duplicates: int
+    ignored: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class AssociationRejected:
+    calling_ae_title: str
+    peer_address: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """An instance now in the spool (``path`` relative to the spool root)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    received_at: datetime
+    association_id: str | None
+    calling_ae_title: str
+    modality: str
+    series_description: str
+    accession_number: str
+
+
+@dataclass(frozen=True)
+class InstanceNotStored:
+    """An instance acknowledged without storing (duplicate, other SOP class) or refused (status != 0)."""
+
+    kind: str  # "duplicate_instance", "instance_ignored", "instance_rejected"
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    association_id: str | None
+    status: int
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class _Flush:
+    done: threading.Event
+
+
+_Record = AssociationOpened | AssociationClosed | AssociationRejected | ReceivedInstance | InstanceNotStored | _Flush
+
+
+@dataclass(frozen=True)
+class _StoreRequest:
+    """What is known of a C-STORE request before its dataset is accepted (for refusal records)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    association_id: str | None
+
+
+@dataclass
+class _AssociationState:
+    association_id: str
+    calling_ae_title: str
+    stored: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    rejected: int = 0
+    closed: bool = False
+
+
+def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    """TLS context for the SCP: our certificate and key; peers verified against the CA bundle."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+        if tls.ca_certificate:
+            context.load_verify_locations(cafile=tls.ca_certificate)
+    except (OSError, ssl.SSLError) as exc:
+        raise ReceiverError(f"TLS certificate, key or CA cannot be loaded: {exc}") from exc
+    if tls.require_client_certificate:
+        if not tls.ca_certificate:
+            raise ReceiverError("node.tls.require_client_certificate needs node.tls.ca_certificate to verify clients")
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif tls.ca_certificate:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def read_header(source: Path | bytes, *, keywords: Sequence[str] = _HEADER_KEYWORDS) -> pydicom.Dataset:
+    """The named elements of a Part 10 file (or bytes), without reading the pixel data."""
+    fp: Any = BytesIO(source) if isinstance(source, bytes) else source
+    return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=list(keywords))
+
+
+class _Writer(threading.Thread):
+    """The one thread that turns receiver records into database rows, a batch per transaction."""
+
+    def __init__(self, session_factory: sessionmaker[Session], spool: Spool) -> None:
+        super().__init__(name="pe-agent-receiver-writer", daemon=True)
+        self._factory = session_factory
+        self._spool = spool
+        self.records: queue.SimpleQueue[_Record | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            first = self.records.get()
+            if first is None:
+                return
+            batch: list[_Record] = [first]
+            stop_after = False
+            while len(batch) < _BATCH_MAX:
+                try:
+                    item = self.records.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop_after = True
+                    break
+                batch.append(item)
+            self._commit_with_retry(batch)
+            if stop_after:
+                return
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        self.records.put(None)
+        self.join(timeout)
+
+    def _commit_with_retry(self, batch: list[_Record]) -> None:
+        flushes = [r for r in batch if isinstance(r, _Flush)]
+        work = [r for r in batch if not isinstance(r, _Flush)]
+        delay = 0.1
+        while work:
+            try:
+                apply_records(self._factory, self._spool, work)
+                break
+            except IntegrityError:
+                # A row another process wrote meanwhile; take the records one at a time.
+                for record in work:
+                    try:
+                        apply_records(self._factory, self._spool, [record])
+                    except IntegrityError as exc:
+                        log.error("receiver_record_dropped", record=type(record).__name__, error=str(exc.orig))
+                break
+            except SQLAlchemyError as exc:
+                if self._stopping.is_set() and delay >= _RETRY_MAX_SECONDS:
+                    log.error("receiver_records_not_committed", count=len(work), error=str(exc))
+                    break
+                log.warning("receiver_database_unavailable", retry_in_s=delay, error=str(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+        for flush in flushes:
+            flush.done.set()
+
+
+def apply_records(session_factory: sessionmaker[Session], spool: Spool, records: Sequence[_Record]) -> None:
+    """Commit a batch of receiver records in one transaction, in the order they were received."""
+    with transaction(session_factory) as session:
+        _apply(session, spool, records)
+
+
+def _apply(session: Session, spool: Spool, records: Sequence[_Record]) -> None:
+    instances = [r for r in records if isinstance(r, ReceivedInstance)]
+    series_by_uid: dict[str, Series] = {}
+    known_sops: dict[str, str] = {}
+    if instances:
+        series_uids = {r.series_instance_uid for r in instances}
+        for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(series_uids))):
+            series_by_uid[series.series_instance_uid] = series
+        sop_uids = {r.sop_instance_uid for r in instances}
+        for sop, path in session.execute(
+            select(Instance.sop_instance_uid, Instance.path).where(Instance.sop_instance_uid.in_(sop_uids))
+        ):
+            known_sops[sop] = path
+    for record in records:
+        if isinstance(record, AssociationOpened):
+            session.add(
+                Association(
+                    id=record.association_id,
+                    calling_ae_title=_clip(record.calling_ae_title, 16),
+                    peer_address=_clip(record.peer_address, 64),
+                    opened_at=record.at,
+                )
+            )
+            session.flush()
+            record_event(
+                session, entity="association", entity_id=record.association_id, kind="association_opened",
+                to_state="OPEN", calling_ae_title=record.calling_ae_title, peer_address=record.peer_address,
+            )
+        elif isinstance(record, AssociationClosed):
+            association = session.get(Association, record.association_id)
+            if association is not None and association.closed_at is None:
+                association.closed_at = record.at
+                association.close_reason = record.reason
+            record_event(
+                session, entity="association", entity_id=record.association_id, kind="association_closed",
+                from_state="OPEN", to_state=record.reason.upper(), stored=record.stored,
+                duplicates=record.duplicates, ignored=record.ignored, rejected=record.rejected,
+            )
+        elif isinstance(record, AssociationRejected):
+            record_event(
+                session, entity="association", entity_id="-", kind="association_rejected",
+                calling_ae_title=record.calling_ae_title, peer_address=record.peer_address,
+            )
+        elif isinstance(record, ReceivedInstance):
+            _apply_instance(session, spool, record, series_by_uid, known_sops)
+        elif isinstance(record, InstanceNotStored):
+            record_event(
+                session, entity="instance", entity_id=record.sop_instance_uid[:64] or "-", kind=record.kind,
+                series_instance_uid=record.series_instance_uid[:64], sop_class_uid=record.sop_class_uid,
+                status=record.status, reason=record.reason, association_id=record.association_id,
+            )
+
+
+def _apply_instance(
+    session: Session,
+    spool: Spool,
+    record: ReceivedInstance,
+    series_by_uid: dict[str, Series],
+    known_sops: dict[str, str],
+) -> None:
+    existing_path = known_sops.get(record.sop_instance_uid)
+    if existing_path is not None:
+        if existing_path != record.path:
+            # Same SOP Instance UID under another study/series: keep the first, drop this copy.
+            spool.absolute(record.path).unlink(missing_ok=True)
+        record_event(
+            session, entity="instance", entity_id=record.sop_instance_uid, kind="duplicate_instance",
+            series_instance_uid=record.series_instance_uid, sop_class_uid=record.sop_class_uid, status=0,
+            reason="SOP Instance UID already stored", association_id=record.association_id,
+        )
+        return
+    series = series_by_uid.get(record.series_instance_uid)
+    if series is None:
+        series = Series(
+            study_instance_uid=record.study_instance_uid,
+            series_instance_uid=record.series_instance_uid,
+            calling_ae_title=_clip(record.calling_ae_title, 16),
+            modality=_clip(record.modality, 16),
+            series_description=_clip(record.series_description, 128),
+            accession_number=_clip(record.accession_number, 16),
+            instance_count=0,
+            first_received_at=record.received_at,
+            last_received_at=record.received_at,
+            state=SeriesState.RECEIVING,
+        )
+        session.add(series)
+        session.flush()
+        series_by_uid[record.series_instance_uid] = series
+        record_event(
+            session, entity="series", entity_id=series.id, kind="series_state", to_state=SeriesState.RECEIVING,
+            series_instance_uid=series.series_instance_uid, calling_ae_title=series.calling_ae_title,
+        )
+    series.instance_count += 1
+    if record.received_at > series.last_received_at:
+        series.last_received_at = record.received_at
+    session.add(
+        Instance(
+            series_id=series.id,
+            sop_instance_uid=record.sop_instance_uid,
+            sop_class_uid=record.sop_class_uid,
+            transfer_syntax_uid=record.transfer_syntax_uid,
+            path=record.path,
+            size_bytes=record.size_bytes,
+            received_at=record.received_at,
+            association_id=record.association_id,
+        )
+    )
+    known_sops[record.sop_instance_uid] = record.path
+
+
+class Receiver:
+    """The node's storage SCP; started by `pe-agent serve` in the main process."""
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session]) -> None:
+        self._settings = settings
+        self._factory = session_factory
+        node = settings.node
+        self._spool = Spool(settings.spool_root, node.min_free_disk_mb)
+        self._ae = AE(ae_title=node.ae_title)
+        self._ae.maximum_associations = node.max_associations
+        self._ae.acse_timeout = node.acse_timeout
+        self._ae.dimse_timeout = node.dimse_timeout
+        self._ae.network_timeout = node.network_timeout
+        self._ae.maximum_pdu_size = node.maximum_pdu_size
+        if node.allowed_calling_ae_titles:
+            self._ae.require_calling_aet = list(node.allowed_calling_ae_titles)
+        self._ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            self._ae.add_supported_context(cast(str, context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        self._server: ThreadedAssociationServer | None = None
+        self._writer: _Writer | None = None
+        self._lock = threading.Lock()
+        self._associations: dict[int, _AssociationState] = {}
+        self._in_flight: set[Path] = set()
+        self._protected_series: dict[str, None] = {}
+        self._counters = {"stored": 0, "duplicates": 0, "ignored": 0, "rejected": 0, "associations": 0}
+        self._sequence = itertools.count(1)
+
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise ReceiverError("the receiver is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def is_running(self) -> bool:
+        return self._server is not None
+
+    def counters(self) -> dict[str, int]:
+        """Instances stored, duplicates, ignored, rejected and associations accepted since start."""
+        with self._lock:
+            return dict(self._counters)
+
+    def start(self) -> None:
+        """Reconcile the spool with the database, then listen (non-blocking)."""
+        if self._server is not None:
+            return
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        node = self._settings.node
+        ssl_context = server_ssl_context(node.tls) if node.tls.enabled else None
+        cleared = self._spool.clear_tmp()
+        recovered = self.reconcile()
+        temp_dir = Path(tempfile.gettempdir())
+        if not self._spool.same_file_system(temp_dir):
+            log.warning(
+                "receiver_temp_on_other_file_system", temp_dir=str(temp_dir),
+                advice="each instance is copied once; set TMPDIR to a folder on the spool's file system",
+            )
+        self._writer = _Writer(self._factory, self._spool)
+        self._writer.start()
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed, ["released"]),
+            (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
+            (evt.EVT_CONN_CLOSE, self._on_closed, ["aborted"]),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        try:
+            server = self._ae.start_server((node.host, node.port), block=False, ssl_context=ssl_context, evt_handlers=handlers)
+        except OSError as exc:
+            self._writer.stop(timeout=5)
+            self._writer = None
+            raise ReceiverError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from exc
+        assert server is not None
+        self._server = server
+        log.info(
+            "receiver_started", ae_title=node.ae_title, host=node.host, port=self.port, tls=node.tls.enabled,
+            max_associations=node.max_associations, reconciled=recovered, tmp_cleared=cleared,
+        )
+
+    def stop(self) -> None:
+        """Stop listening, abort open associations, commit what was received."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._ae.shutdown()
+        self._server = None
+        if self._writer is not None:
+            self._writer.stop(timeout=30)
+            self._writer = None
+        log.info("receiver_stopped", **self.counters())
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every record received so far is committed to the database."""
+        writer = self._writer
+        if writer is None or not writer.is_alive():
+            return
+        done = threading.Event()
+        writer.records.put(_Flush(done))
+        if not done.wait(timeout):
+            raise ReceiverError(f"receiver records not committed within {timeout:g} s")
+
+    wait_idle = flush
+
+    def reconcile(self) -> int:
+        """Record spool files that have no Instance row (crash between rename and commit); return how many."""
+        recorded = 0
+        for study_uid, series_uid, folder in self._spool.iter_incoming():
+            with self._factory() as session:
+                known = set(
+                    session.scalars(
+                        select(Instance.path).join(Series).where(Series.series_instance_uid == series_uid)
+                    )
+                )
+            records: list[_Record] = []
+            for file in sorted(folder.glob(f"*{INSTANCE_SUFFIX}")):
+                relative = self._spool.relative(file)
+                if relative in known:
+                    continue
+                record = self._record_from_file(file, study_uid, series_uid)
+                if record is not None:
+                    records.append(record)
+            if records:
+                apply_records(self._factory, self._spool, records)
+                recorded += sum(1 for r in records if isinstance(r, ReceivedInstance))
+        if recorded:
+            log.warning("receiver_reconciled_spool", instances=recorded)
+        return recorded
+
+    def _record_from_file(self, file: Path, study_uid: str, series_uid: str) -> _Record | None:
+        try:
+            header = read_header(file)
+            meta = header.file_meta
+            sop_uid = validate_uid(str(header.SOPInstanceUID))
+            if file.name != f"{sop_uid}{INSTANCE_SUFFIX}":
+                raise InvalidUIDError("file name and SOPInstanceUID differ")
+            stat = file.stat()
+        except (InvalidDicomError, InvalidUIDError, AttributeError, OSError, ValueError) as exc:
+            log.error("receiver_spool_file_unreadable", path=self._spool.relative(file), error=str(exc))
+            return None
+        return ReceivedInstance(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=str(header.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", ""))),
+            transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
+            path=self._spool.relative(file),
+            size_bytes=stat.st_size,
+            received_at=datetime.fromtimestamp(stat.st_mtime, timezone.utc),
+            association_id=None,
+            calling_ae_title="",
+            modality=str(header.get("Modality", "")),
+            series_description=str(header.get("SeriesDescription", "")),
+            accession_number=str(header.get("AccessionNumber", "")),
+        )
+
+    # -- event handlers (pynetdicom threads; never raise) -------------------------------------------
+
+    def _put(self, record: _Record) -> None:
+        writer = self._writer
+        if writer is not None:
+            writer.records.put(record)
+
+    def _state(self, event: DicomEvent) -> _AssociationState | None:
+        with self._lock:
+            return self._associations.get(id(event.assoc))
+
+    def _on_established(self, event: DicomEvent) -> None:
+        try:
+            requestor = event.assoc.requestor
+            state = _AssociationState(
+                association_id=f"{uuid.uuid4().hex}-{next(self._sequence)}"[:64],
+                calling_ae_title=str(requestor.ae_title).strip(),
+            )
+            with self._lock:
+                self._associations[id(event.assoc)] = state
+                self._counters["associations"] += 1
+            self._put(AssociationOpened(state.association_id, state.calling_ae_title, f"{requestor.address}:{requestor.port}", _now()))
+        except Exception:  # noqa: BLE001 - a handler must never raise into pynetdicom
+            log.exception("receiver_established_handler_failed")
+
+    def _on_closed(self, event: DicomEvent, reason: str) -> None:
+        try:
+            with self._lock:
+                state = self._associations.pop(id(event.assoc), None)
+            if state is None:
+                return
+            self._put(
+                AssociationClosed(
+                    state.association_id, reason, _now(), state.stored, state.duplicates, state.ignored, state.rejected
+                )
+            )
+        except Exception:  # noqa: BLE001
+            log.exception("receiver_close_handler_failed")
+
+    def _on_rejected(self, event: DicomEvent) -> None:
+        try:
+            requestor = event.assoc.requestor
+            calling = str(requestor.ae_title).strip()
+            log.warning("association_rejected", calling_ae_title=calling, peer_address=requestor.address)
+            self._put(AssociationRejected(calling, f"{requestor.address}:{requestor.port}", _now()))
+        except Exception:  # noqa: BLE001
+            log.exception("receiver_rejected_handler_failed")
+
+    def _on_c_store(self, event: DicomEvent) -> int:
+        state = self._state(event)
+        try:
+            status, kind = self._store(event, state)
+        except Exception as exc:  # noqa: BLE001 - boundary: answer with a status, keep the node running
+            log.exception("receiver_store_failed", error=str(exc))
+            status, kind = STATUS_CANNOT_UNDERSTAND, "rejected"
+        with self._lock:
+            key = {"stored": "stored", "duplicate": "duplicates", "ignored": "ignored", "rejected": "rejected"}[kind]
+            self._counters[key] += 1
+            if state is not None:
+                setattr(state, key, getattr(state, key) + 1)
+        return status
+
+    def _protect(self, series_uid: str, header: pydicom.Dataset) -> None:
+        with self._lock:
+            if series_uid in self._protected_series:
+                return
+            self._protected_series[series_uid] = None
+            while len(self._protected_series) > _PROTECTED_SERIES_MAX:
+                self._protected_series.pop(next(iter(self._protected_series)))
+        protect_patient_values(header)
+
+    def _refuse(self, status: int, reason: str, request: _StoreRequest) -> tuple[int, str]:
+        log.warning(
+            "instance_rejected", status=f"0x{status:04X}", reason=reason,
+            series_instance_uid=request.series_instance_uid[:64],
+        )
+        self._put(
+            InstanceNotStored(
+                "instance_rejected", request.sop_instance_uid[:64], request.sop_class_uid[:64],
+                request.series_instance_uid[:64], request.association_id, status, reason, _now(),
+            )
+        )
+        return status, "rejected"
+
+    def _store(self, event: DicomEvent, state: _AssociationState | None) -> tuple[int, str]:
+        primitive = cast(C_STORE, event.request)
+        sop_class = str(primitive.AffectedSOPClassUID or "")
+        sop_uid = str(primitive.AffectedSOPInstanceUID or "")
+        transfer_syntax = str(event.context.transfer_syntax)
+        association_id = state.association_id if state else None
+        if sop_class not in ANALYSED_SOP_CLASSES:
+            name = pydicom.uid.UID(sop_class).name if sop_class else "(none)"
+            self._put(
+                InstanceNotStored(
+                    "instance_ignored", sop_uid[:64], sop_class[:64], "", association_id, STATUS_SUCCESS,
+                    f"SOP class {name} is not analysed", _now(),
+                )
+            )
+            return STATUS_SUCCESS, "ignored"
+        common = _StoreRequest(sop_uid, sop_class, "", association_id)
+        if not self._spool.has_space():
+            return self._refuse(STATUS_OUT_OF_RESOURCES, "spool free space is below node.min_free_disk_mb", common)
+
+        try:
+            source: Path | None = event.dataset_path
+        except AttributeError:
+            source = None
+        try:
+            header = read_header(source if source is not None else event.encoded_dataset())
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be read ({type(exc).__name__}: {str(exc)[:120]})", common)
+
+        uids: dict[str, str] = {}
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            value = header.get(keyword)
+            if value in (None, ""):
+                return self._refuse(STATUS_DATASET_DOES_NOT_MATCH, f"dataset has no {keyword}", common)
+            try:
+                uids[keyword] = validate_uid(str(value))
+            except InvalidUIDError as exc:
+                return self._refuse(STATUS_DATASET_DOES_NOT_MATCH, f"{keyword}: {exc}", common)
+        common = dataclasses.replace(common, series_instance_uid=uids["SeriesInstanceUID"])
+        self._protect(uids["SeriesInstanceUID"], header)
+        if uids["SOPInstanceUID"] != sop_uid.rstrip("\x00"):
+            return self._refuse(
+                STATUS_DATASET_DOES_NOT_MATCH, "SOPInstanceUID of the dataset differs from the request", common
+            )
+        try:
+            path = self._spool.instance_path(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
+        except InvalidUIDError as exc:
+            return self._refuse(STATUS_DATASET_DOES_NOT_MATCH, str(exc), common)
+
+        with self._lock:
+            duplicate = path in self._in_flight or path.exists()
+            if not duplicate:
+                self._in_flight.add(path)
+        if duplicate:
+            self._put(
+                InstanceNotStored(
+                    "duplicate_instance", uids["SOPInstanceUID"], sop_class, uids["SeriesInstanceUID"], association_id,
+                    STATUS_SUCCESS, "SOP Instance UID already stored", _now(),
+                )
+            )
+            return STATUS_SUCCESS, "duplicate"
+        try:
+            if source is not None:
+                size = self._spool.move_into_place(Path(source), path)
+            else:
+                size = self._spool.write_bytes(path, event.encoded_dataset())
+        except StorageError as exc:
+            return self._refuse(STATUS_OUT_OF_RESOURCES, str(exc), common)
+        finally:
+            with self._lock:
+                self._in_flight.discard(path)
+        self._put(
+            ReceivedInstance(
+                study_instance_uid=uids["StudyInstanceUID"],
+                series_instance_uid=uids["SeriesInstanceUID"],
+                sop_instance_uid=uids["SOPInstanceUID"],
+                sop_class_uid=sop_class,
+                transfer_syntax_uid=transfer_syntax,
+                path=self._spool.relative(path),
+                size_bytes=size,
+                received_at=_now(),
+                association_id=association_id,
+                calling_ae_title=state.calling_ae_title if state else "",
+                modality=str(header.get("Modality", "")),
+                series_description=str(header.get("SeriesDescription", "")),
+                accession_number=str(header.get("AccessionNumber", "")),
+            )
+        )
+        return STATUS_SUCCESS, "stored"
+
+
+def received_series_headers(spool: Spool, paths: Iterable[str], keywords: Sequence[str] | None = None) -> list[pydicom.Dataset]:
+    """Headers (no pixel data) of stored instances given their spool-relative paths; unreadable ones skipped."""
+    headers: list[pydicom.Dataset] = []
+    for relative in paths:
+        try:
+            file = spool.absolute(relative)
+            if keywords is None:
+                headers.append(pydicom.dcmread(file, stop_before_pixels=True))
+            else:
+                headers.append(read_header(file, keywords=keywords))
+        except (InvalidDicomError, OSError, ValueError, InvalidUIDError) as exc:
+            log.warning("spool_file_unreadable", path=relative, error=str(exc))
+    return headers
+
+
+__all__ = [
+    "ANALYSED_SOP_CLASSES",
+    "Receiver",
+    "ReceiverError",
+    "ReceivedInstance",
+    "apply_records",
+    "read_header",
+    "received_series_headers",
+    "server_ssl_context",
+]
