@@ -10,6 +10,7 @@ other sizes, duplicate positions) are dropped and listed in ``Volume.skipped`` w
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ import numpy as np
 import pydicom
 import pydicom.pixels
 import structlog
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from pe_model.errors import (
     InconsistentOrientationError,
@@ -508,9 +509,30 @@ def _decode_into(
 
 def _pixel_source(src: Path | Dataset, header: Dataset | None) -> Path | Dataset:
     """What pydicom decodes from: the path itself (reads only the pixel data, keeps no copy) or,
-    for deflated files that must be inflated first, the fully read dataset."""
+    for deflated files that must be inflated first, the fully read dataset.
+
+    A dataset built in memory without a Transfer Syntax UID (file meta missing) but whose pixel
+    data has exactly the native size is decoded as native little endian, from a shallow copy.
+    """
     if isinstance(src, Dataset):
-        return src
+        meta = getattr(src, "file_meta", None)
+        if (meta is not None and "TransferSyntaxUID" in meta) or "PixelData" not in src:
+            return src
+        frames = _int_or(src.get("NumberOfFrames"), 1)
+        expected = (
+            _int_or(src.get("Rows"), 0)
+            * _int_or(src.get("Columns"), 0)
+            * _int_or(src.get("SamplesPerPixel"), 1)
+            * frames
+            * _int_or(src.get("BitsAllocated"), 16)
+            // 8
+        )
+        if len(src.PixelData) not in (expected, expected + 1):
+            return src  # encapsulated or damaged: pydicom's own error says why
+        native = copy.copy(src)
+        native.file_meta = FileMetaDataset()
+        native.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return native
     meta = getattr(header, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         return pydicom.dcmread(src)

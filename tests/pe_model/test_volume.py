@@ -399,6 +399,15 @@ def test_read_datasets_recurses_and_skips_non_dicom_and_dicomdir(tmp_path: Path)
     assert len(read_datasets([str(p) for p in sorted((tmp_path / "a" / "b").iterdir())])) == 3
 
 
+def test_in_memory_datasets_without_file_meta_decode_as_native() -> None:
+    datasets = axial_series(Z)
+    for ds in datasets:
+        del ds.file_meta
+    volume = load_series(datasets)
+    assert_at_positions(volume, Z)
+    assert not hasattr(datasets[0], "file_meta") or "TransferSyntaxUID" not in datasets[0].file_meta
+
+
 def test_patient_position_of_a_voxel() -> None:
     gapped = [0.0, 1.0, 2.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
     volume = load_series(axial_series(gapped))
