@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom
-import structlog
 from pydicom.dataset import Dataset
 
 from pacs_agent.db.models import OutputKind
 from pacs_agent.errors import ReportError
+from pacs_agent.logging import get_logger
 from pacs_agent.reports.sc import build_secondary_captures
 from pacs_agent.reports.seg import build_segmentation
 from pacs_agent.reports.sr import build_structured_report
@@ -28,7 +28,7 @@ from pe_model.prediction import Prediction
 
 __all__ = ["ProducedObject", "write_reports"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
