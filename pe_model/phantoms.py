@@ -30,6 +30,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -243,7 +245,10 @@ class PhantomGroundTruth:
     slice_pe_present: tuple[bool, ...]  # a clot voxel on the slice
     clots: tuple[Clot, ...]
     exam_labels: dict[str, bool]  # the nine RSNA exam labels, consistent per SEED.md
-    landmarks_patient_mm: dict[str, Point3]  # named anatomy points for checks (see _landmarks)
+    # Named anatomy points (pulmonary_trunk, right_lung, left_lung, left_ventricle, ...; head:
+    # brain, skull) away from clots and lung vessels; indeterminate phantoms add motion, so there
+    # they are only approximate.
+    landmarks_patient_mm: dict[str, Point3]
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,9 @@ _LUNGS: Final[dict[str, _Ellipsoid]] = {
     "right": _Ellipsoid((-72.0, 8.0, 5.0), (52.0, 70.0, 135.0)),
     "left": _Ellipsoid((72.0, 8.0, 5.0), (50.0, 70.0, 135.0)),
 }
+#: Parenchyma points kept clear of vessels (landmarks "right_lung" / "left_lung").
+_LUNG_MARKS: Final[dict[str, Point3]] = {"right": (-95.0, 30.0, 60.0), "left": (100.0, 30.0, 60.0)}
+_LUNG_MARK_CLEARANCE_MM: Final[float] = 25.0
 _BODY_SEMI_AXES: Final[tuple[float, float]] = (150.0, 108.0)
 _HEAD_SKULL = _Ellipsoid((0.0, 0.0, 0.0), (88.0, 108.0, 110.0))
 
@@ -361,14 +369,21 @@ def _point_on(capsule: _Capsule, t: float) -> Point3:
     return (float(p[0]), float(p[1]), float(p[2]))
 
 
-def _perpendicular(direction: np.ndarray, angle: float) -> np.ndarray:
-    """Unit vector perpendicular to ``direction`` at ``angle`` around it."""
+def _segment_distance(point: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
+    """Distance from a point to a segment (3-vectors)."""
+    d = end - start
+    t = float(np.clip((point - start) @ d / max(float(d @ d), 1e-12), 0.0, 1.0))
+    return float(np.linalg.norm(point - (start + t * d)))
+
+
+def _wall_direction(direction: np.ndarray, side: float) -> np.ndarray:
+    """Unit vector perpendicular to a vessel and lying in the axial plane (so an eccentric clot
+    touches the wall visibly on axial slices); ``side`` (+1 / -1) picks which wall."""
     d = direction / np.linalg.norm(direction)
-    helper = np.array([0.0, 0.0, 1.0]) if abs(d[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
-    u = np.cross(d, helper)
-    u /= np.linalg.norm(u)
-    v = np.cross(d, u)
-    return math.cos(angle) * u + math.sin(angle) * v
+    u = np.cross(d, np.array([0.0, 0.0, 1.0]))
+    if np.linalg.norm(u) < 1e-6:
+        u = np.array([1.0, 0.0, 0.0])
+    return side * u / np.linalg.norm(u)
 
 
 def _clots(spec: PhantomSpec, geometry: PhantomGeometry, scale: _Scale) -> tuple[tuple[Clot, _Capsule], ...]:
@@ -405,7 +420,7 @@ def _clots(spec: PhantomSpec, geometry: PhantomGeometry, scale: _Scale) -> tuple
             # wall-adherent crescent.
             direction = np.asarray(capsule.end) - np.asarray(capsule.start)
             offset_ref = max(capsule.radius - 0.45 * radius_mm / scale.in_plane, 0.0)
-            axis_point = axis_point + offset_ref * _perpendicular(direction, rng.uniform(0, 2 * math.pi))
+            axis_point = axis_point + offset_ref * _wall_direction(direction, 1.0 if rng.random() < 0.5 else -1.0)
         centre = scale.to_patient([float(v) for v in axis_point])
         clot = Clot(
             center_patient_mm=(round(float(centre[0]), 3), round(float(centre[1]), 3), round(float(centre[2]), 3)),
@@ -443,8 +458,8 @@ def _landmarks(spec: PhantomSpec, scale: _Scale) -> dict[str, Point3]:
         rv_radius = min(_LV_RADIUS_MM * spec.rv_lv_ratio, 34.0)
         reference = {
             "pulmonary_trunk": _point_on(_TRUNK, 0.25),
-            "right_lung": (-95.0, 30.0, 60.0),
-            "left_lung": (100.0, 30.0, 60.0),
+            "right_lung": _LUNG_MARKS["right"],
+            "left_lung": _LUNG_MARKS["left"],
             "left_ventricle": _LV_CENTRE,
             "right_ventricle": _RV_CENTRE,
             "rv_lateral_wall_inner": (_RV_CENTRE[0] - rv_radius + 2.0, _RV_CENTRE[1], _RV_CENTRE[2]),
@@ -518,14 +533,22 @@ class _Renderer:
         return image
 
     def _lung_texture(self, rng: np.random.Generator) -> np.ndarray:
-        """Smooth random field (rows, columns), std about 1, for parenchyma and brain texture."""
+        """Four smooth random fields (4, rows, columns), std about 1, mixed along z by ``_texture_at``."""
         from scipy.ndimage import gaussian_filter
 
-        coarse = rng.standard_normal((self.spec.rows, self.spec.columns)).astype(np.float32)
+        coarse = rng.standard_normal((4, self.spec.rows, self.spec.columns)).astype(np.float32)
         sigma = max(1.0, 3.0 / self.spec.pixel_spacing_mm)
-        smooth = gaussian_filter(coarse, sigma=sigma)
-        std = float(smooth.std()) or 1.0
-        return (smooth / std).astype(np.float32)
+        smooth = gaussian_filter(coarse, sigma=(0.0, sigma, sigma))
+        std = smooth.std(axis=(1, 2), keepdims=True)
+        return (smooth / np.where(std > 0, std, 1.0)).astype(np.float32)
+
+    def _texture_at(self, z: float, box: tuple[slice, slice]) -> np.ndarray:
+        """Texture of one slice: the fields rotate into each other along z (periods 75 and 46 mm),
+        so it changes smoothly from slice to slice instead of repeating as streaks."""
+        a, b = z / 12.0, z / 7.3
+        weights = np.array([math.cos(a), math.sin(a), math.cos(b), math.sin(b)], dtype=np.float32) / math.sqrt(2.0)
+        fields = self._texture[:, box[0], box[1]]
+        return np.tensordot(weights, fields, axes=1)
 
     def _make_lung_vessels(self, rng: np.random.Generator) -> tuple[_Capsule, ...]:
         """Peripheral vessels fanning out from each hilum into its lung."""
@@ -534,16 +557,22 @@ class _Renderer:
             cx, cy, cz = lung.centre
             ax, ay, az = lung.semi_axes
             hilum = (cx * 0.7, cy - 10.0, 12.0)
-            for _ in range(14):
+            mark = np.asarray(_LUNG_MARKS[side])
+            made = 0
+            while made < 14:
                 theta = rng.uniform(0, 2 * math.pi)
                 phi = rng.uniform(-1.1, 1.1)
                 reach = rng.uniform(0.55, 0.9)
+                radius = rng.uniform(1.8, 3.2)
                 end = (
                     cx + reach * ax * math.cos(theta) * math.cos(phi),
                     cy + reach * ay * math.sin(theta) * math.cos(phi),
                     cz + reach * az * math.sin(phi),
                 )
-                vessels.append(_Capsule(hilum, end, rng.uniform(1.8, 3.2)))
+                if _segment_distance(mark, np.asarray(hilum), np.asarray(end)) < radius + _LUNG_MARK_CLEARANCE_MM:
+                    continue
+                vessels.append(_Capsule(hilum, end, radius))
+                made += 1
         return tuple(vessels)
 
     # -- per-slice painting -------------------------------------------------------------------
@@ -630,7 +659,7 @@ class _Renderer:
                 if hit is not None:
                     box, mask = hit
                     region = image[box]
-                    region[mask] = _HU_LUNG + 25.0 * self._texture[box][mask]
+                    region[mask] = _HU_LUNG + 25.0 * self._texture_at(z, box)[mask]
         vessel_hu = 200.0 if self.enhanced_blood else _HU_BLOOD
         for vessel in self._lung_vessels:
             self._paint(image, self._capsule_mask(vessel, z), vessel_hu)
@@ -686,7 +715,7 @@ class _Renderer:
         hit = self._ellipsoid_mask(inner, z)
         if hit is not None:
             box, mask = hit
-            image[box][mask] = _HU_BRAIN + 4.0 * self._texture[box][mask]
+            image[box][mask] = _HU_BRAIN + 4.0 * self._texture_at(z, box)[mask]
         for cx in (-10.0, 10.0):
             self._paint(image, self._ellipsoid_mask(_Ellipsoid((cx, -5.0, 10.0), (5.0, 22.0, 18.0)), z), _HU_CSF)
         return image
@@ -880,6 +909,18 @@ def _single_frame(
     return ds
 
 
+def _item(**attributes: object) -> Dataset:
+    """A sequence item from keyword attributes."""
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(code: Code) -> Dataset:
+    return _item(CodeValue=code.value, CodingSchemeDesignator=code.scheme_designator, CodeMeaning=code.meaning)
+
+
 def _enhanced(
     common: Dataset,
     spec: PhantomSpec,
@@ -887,12 +928,21 @@ def _enhanced(
     sop_instance_uid: str,
     signed: bool,
 ) -> Dataset:
-    """One Enhanced CT Image Storage object whose frames are the slices, inferior -> superior."""
+    """One Enhanced CT Image Storage object whose frames are the slices, inferior -> superior.
+
+    Geometry and rescale live in the shared functional groups (PixelMeasures, PlaneOrientation,
+    PixelValueTransformation), each frame's position in its PlanePositionSequence.
+    """
     ds = Dataset()
     ds.update(common)
+    for keyword in ("AcquisitionDate", "AcquisitionTime"):
+        delattr(ds, keyword)
+    head = spec.kind == "head"
+    contrast = spec.contrast and not head
+    acquisition_datetime = f"{common.AcquisitionDate}{common.AcquisitionTime}"
     ds.SOPClassUID = EnhancedCTImageStorage
     ds.SOPInstanceUID = sop_instance_uid
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     ds.InstanceNumber = 1
     ds.AcquisitionNumber = 1
     ds.ContentQualification = "PRODUCT"
@@ -901,68 +951,152 @@ def _enhanced(
     ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
     ds.PresentationLUTShape = "IDENTITY"
-    ds.AcquisitionDateTime = f"{common.AcquisitionDate}{common.AcquisitionTime}"
+    ds.AcquisitionDateTime = acquisition_datetime
     ds.AcquisitionDuration = 5.0
     ds.DeviceSerialNumber = "0001"
     ds.NumberOfFrames = spec.n_slices
     ds.VolumetricProperties = "VOLUME"
     ds.VolumeBasedCalculationTechnique = "NONE"
     ds.PixelPresentation = "MONOCHROME"
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    _contrast_attributes(ds, spec)
+    ds.AcquisitionContextSequence = DicomSequence([])
     _pixel_attributes(ds, spec, signed)
-    ds.KVP = 120
+    if contrast:
+        # Kept beside the Enhanced Contrast/Bolus module for readers that only look here.
+        ds.ContrastBolusAgent = "IOHEXOL 350"
+        ds.ContrastBolusAgentSequence = DicomSequence([
+            _item(
+                CodeValue=codes.SCT.Iohexol.value,
+                CodingSchemeDesignator=codes.SCT.Iohexol.scheme_designator,
+                CodeMeaning=codes.SCT.Iohexol.meaning,
+                ContrastBolusAgentNumber=1,
+                ContrastBolusAdministrationRouteSequence=DicomSequence(
+                    [_code(codes.SCT.IntravenousRoute)]
+                ),
+                ContrastBolusIngredientCodeSequence=DicomSequence([_code(codes.SCT.Iodine)]),
+                ContrastBolusVolume=70.0,
+                ContrastBolusIngredientConcentration=350.0,
+                ContrastBolusIngredientOpaque="YES",
+            )
+        ])
 
     dimension_uid = _uid(spec, "dimension-organization", sop_instance_uid)
-    organization = Dataset()
-    organization.DimensionOrganizationUID = dimension_uid
-    ds.DimensionOrganizationSequence = DicomSequence([organization])
+    ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dimension_uid)])
     ds.DimensionOrganizationType = "3D"
-    index = Dataset()
-    index.DimensionOrganizationUID = dimension_uid
-    index.DimensionIndexPointer = pydicom.tag.Tag("ImagePositionPatient")
-    index.FunctionalGroupPointer = pydicom.tag.Tag("PlanePositionSequence")
-    index.DimensionDescriptionLabel = "Image Position (Patient)"
-    ds.DimensionIndexSequence = DicomSequence([index])
+    ds.DimensionIndexSequence = DicomSequence([
+        _item(
+            DimensionOrganizationUID=dimension_uid,
+            DimensionIndexPointer=pydicom.tag.Tag("ImagePositionPatient"),
+            FunctionalGroupPointer=pydicom.tag.Tag("PlanePositionSequence"),
+            DimensionDescriptionLabel="Image Position (Patient)",
+        )
+    ])
 
-    shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing = [_format_ds(spec.pixel_spacing_mm)] * 2
-    measures.SliceThickness = _format_ds(spec.thickness_mm)
-    measures.SpacingBetweenSlices = _format_ds(spec.slice_spacing_mm)
-    shared.PixelMeasuresSequence = DicomSequence([measures])
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    shared.PlaneOrientationSequence = DicomSequence([orientation])
-    transformation = Dataset()
-    transformation.RescaleIntercept = _format_ds(_intercept(signed))
-    transformation.RescaleSlope = "1"
-    transformation.RescaleType = "HU"
-    shared.PixelValueTransformationSequence = DicomSequence([transformation])
-    voi = Dataset()
-    voi.WindowCenter, voi.WindowWidth = _window(spec)
-    shared.FrameVOILUTSequence = DicomSequence([voi])
-    frame_type = Dataset()
-    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    frame_type.PixelPresentation = "MONOCHROME"
-    frame_type.VolumetricProperties = "VOLUME"
-    frame_type.VolumeBasedCalculationTechnique = "NONE"
-    shared.CTImageFrameTypeSequence = DicomSequence([frame_type])
+    window_center, window_width = _window(spec)
+    region = _code(codes.SCT.Head if head else codes.SCT.Chest)
+    shared = _item(
+        PixelMeasuresSequence=DicomSequence([
+            _item(
+                PixelSpacing=[_format_ds(spec.pixel_spacing_mm)] * 2,
+                SliceThickness=_format_ds(spec.thickness_mm),
+                SpacingBetweenSlices=_format_ds(spec.slice_spacing_mm),
+            )
+        ]),
+        PlaneOrientationSequence=DicomSequence([_item(ImageOrientationPatient=["1", "0", "0", "0", "1", "0"])]),
+        PixelValueTransformationSequence=DicomSequence([
+            _item(RescaleIntercept=_format_ds(_intercept(signed)), RescaleSlope="1", RescaleType="HU")
+        ]),
+        FrameVOILUTSequence=DicomSequence([_item(WindowCenter=window_center, WindowWidth=window_width)]),
+        CTImageFrameTypeSequence=DicomSequence([
+            _item(
+                FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
+            )
+        ]),
+        FrameAnatomySequence=DicomSequence([
+            _item(AnatomicRegionSequence=DicomSequence([region]), FrameLaterality="U")
+        ]),
+        IrradiationEventIdentificationSequence=DicomSequence([
+            _item(IrradiationEventUID=_uid(spec, "irradiation-event", sop_instance_uid))
+        ]),
+        CTAcquisitionTypeSequence=DicomSequence([
+            _item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")
+        ]),
+        CTAcquisitionDetailsSequence=DicomSequence([
+            _item(
+                DataCollectionDiameter=500.0,
+                GantryDetectorTilt=0.0,
+                TableHeight=150.0,
+                RotationDirection="CW",
+                RevolutionTime=0.5,
+                SingleCollimationWidth=0.625,
+                TotalCollimationWidth=40.0,
+            )
+        ]),
+        CTTableDynamicsSequence=DicomSequence([
+            _item(TableSpeed=78.75, TableFeedPerRotation=39.375, SpiralPitchFactor=0.984)
+        ]),
+        CTGeometrySequence=DicomSequence([
+            _item(DistanceSourceToDetector=1040.0, DistanceSourceToDataCollectionCenter=570.0)
+        ]),
+        CTReconstructionSequence=DicomSequence([
+            _item(
+                ReconstructionAlgorithm="FILTER_BACK_PROJ",
+                ConvolutionKernel="HEAD" if head else "STANDARD",
+                ConvolutionKernelGroup="BRAIN" if head else "SOFT_TISSUE",
+                ReconstructionFieldOfView=[spec.pixel_spacing_mm * spec.rows, spec.pixel_spacing_mm * spec.columns],
+                ReconstructionPixelSpacing=[spec.pixel_spacing_mm, spec.pixel_spacing_mm],
+                ReconstructionAngle=360.0,
+                ImageFilter="NONE",
+            )
+        ]),
+        CTExposureSequence=DicomSequence([
+            _item(
+                ExposureTimeInms=500.0,
+                XRayTubeCurrentInmA=250.0,
+                ExposureInmAs=125.0,
+                ExposureModulationType="NONE",
+                CTDIvol=8.0,
+                CTDIPhantomTypeCodeSequence=DicomSequence([
+                    _item(CodeValue="113691", CodingSchemeDesignator="DCM", CodeMeaning="IEC Body Dosimetry Phantom")
+                ]),
+            )
+        ]),
+        CTXRayDetailsSequence=DicomSequence([
+            _item(KVP=120.0, FocalSpots=[1.2], FilterType="BODY", FilterMaterial=["ALUMINUM"])
+        ]),
+    )
+    if contrast:
+        shared.ContrastBolusUsageSequence = DicomSequence([
+            _item(ContrastBolusAgentNumber=1, ContrastBolusAgentAdministered="YES", ContrastBolusAgentDetected="YES")
+        ])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
 
     per_frame: list[Dataset] = []
     for k, position in enumerate(geometry.image_positions_patient):
-        item = Dataset()
-        content = Dataset()
-        content.DimensionIndexValues = [k + 1]
-        content.FrameAcquisitionNumber = 1
-        content.StackID = "1"
-        content.InStackPositionNumber = k + 1
-        item.FrameContentSequence = DicomSequence([content])
-        plane = Dataset()
-        plane.ImagePositionPatient = [_format_ds(v) for v in position]
-        item.PlanePositionSequence = DicomSequence([plane])
-        per_frame.append(item)
+        content = _item(
+            FrameReferenceDateTime=acquisition_datetime,
+            FrameAcquisitionDateTime=acquisition_datetime,
+            FrameAcquisitionDuration=12.5,
+            DimensionIndexValues=[k + 1],
+            FrameAcquisitionNumber=1,
+            StackID="1",
+            InStackPositionNumber=k + 1,
+        )
+        per_frame.append(
+            _item(
+                FrameContentSequence=DicomSequence([content]),
+                PlanePositionSequence=DicomSequence([_item(ImagePositionPatient=[_format_ds(v) for v in position])]),
+                CTPositionSequence=DicomSequence([
+                    _item(
+                        TablePosition=float(position[2]),
+                        ReconstructionTargetCenterPatient=[0.0, 0.0, float(position[2])],
+                        DataCollectionCenterPatient=[0.0, 0.0, float(position[2])],
+                    )
+                ]),
+            )
+        )
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
     return ds
 

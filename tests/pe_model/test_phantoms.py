@@ -263,16 +263,43 @@ def test_enhanced_ct_has_one_frame_per_slice(tmp_path: Path) -> None:
     assert any(truth.slice_pe_present)
 
 
+def _dciodvfy_errors(path: Path) -> tuple[list[str], str]:
+    completed = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    output = completed.stdout + completed.stderr
+    return [line for line in output.splitlines() if line.startswith("Error")], output
+
+
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
 @pytest.mark.parametrize("kind", ["ctpa", "head"])
-def test_dciodvfy_reports_no_errors_on_single_frame(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_dciodvfy_reports_no_errors(tmp_path: Path, kind: str, enhanced: bool) -> None:
     spec = PhantomSpec(kind=kind, n_slices=3, rows=32, columns=32, pe=kind == "ctpa")
-    truth = write_phantom_series(tmp_path, spec)
-    completed = subprocess.run(["dciodvfy", str(truth.files[1])], capture_output=True, text=True, check=False)
-    output = completed.stdout + completed.stderr
-    assert "CTImage" in output
-    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    truth = write_phantom_series(tmp_path, spec, enhanced=enhanced)
+    errors, output = _dciodvfy_errors(truth.files[1])
+    assert ("EnhancedCTImage" if enhanced else "CTImage") in output
     assert errors == []
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+@pytest.mark.parametrize("transfer_syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1])
+def test_dciodvfy_accepts_compressed_files(tmp_path: Path, transfer_syntax: str) -> None:
+    truth = write_phantom_series(tmp_path, PhantomSpec(n_slices=2, rows=32, columns=32),
+                                 transfer_syntax_uid=transfer_syntax)
+    errors, _ = _dciodvfy_errors(truth.files[0])
+    assert errors == []
+
+
+@pytest.mark.dcmtk
+@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmdump (dcmtk) is not installed")
+def test_deflated_file_is_read_by_dcmtk(tmp_path: Path) -> None:
+    """dciodvfy cannot inflate; dcmtk can, so it checks our deflate stream instead."""
+    truth = write_phantom_series(tmp_path, PhantomSpec(n_slices=2, rows=32, columns=32),
+                                 transfer_syntax_uid=DeflatedExplicitVRLittleEndian)
+    completed = subprocess.run(["dcmdump", "-q", str(truth.files[0])], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert "Deflated Explicit VR Little Endian" in completed.stdout
+    assert truth.sop_instance_uids[0] in completed.stdout
+    assert "(7fe0,0010)" in completed.stdout
 
 
 def test_deterministic_by_seed(tmp_path: Path) -> None:
@@ -350,6 +377,30 @@ def test_indeterminate_is_noisier() -> None:
 def test_invalid_spec_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(PhantomError):
         PhantomSpec(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        {"rows": 64, "columns": 64, "n_slices": 40},
+        {"rows": 32, "columns": 32, "n_slices": 20, "pixel_spacing_mm": 10.4, "slice_spacing_mm": 15.0},
+        {"rows": 96, "columns": 80, "n_slices": 50, "slice_spacing_mm": 1.0},
+    ],
+)
+def test_random_phantoms_keep_their_promises_at_any_size(size: dict[str, float]) -> None:
+    """Landmarks, visible clots and PE slices hold for random specs, also on coarse grids."""
+    rng = np.random.default_rng(17)
+    for _ in range(12):
+        spec = random_spec(rng, noise_hu=0.0, indeterminate=False, **size)
+        volume, geometry, truth = generate_volume(spec)
+        marks = truth.landmarks_patient_mm
+        assert volume[geometry.voxel_index(marks["pulmonary_trunk"])] > 200
+        assert volume[geometry.voxel_index(marks["right_lung"])] < -600
+        assert volume[geometry.voxel_index(marks["left_lung"])] < -600
+        assert volume[geometry.voxel_index(marks["left_ventricle"])] > 200
+        assert any(truth.slice_pe_present) == spec.pe
+        for clot in truth.clots:
+            assert volume[geometry.voxel_index(clot.center_patient_mm)] < 100
 
 
 def test_random_spec_mix() -> None:
