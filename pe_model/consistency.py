@@ -87,12 +87,12 @@ def violations(
 ) -> list[str]:
     """Names of the rules that ``exam_probs`` break, given the series PE probability or the
     chunk probabilities (the exam is positive when any of them is > 0.5). Empty when consistent."""
-    chunks = (
+    given: list[float] = (
         [float(pe_probability)]
         if isinstance(pe_probability, numbers.Real)
-        else list(pe_probability)
+        else [float(p) for p in pe_probability]  # type: ignore[union-attr]
     )
-    exam, chunks = _validated(exam_probs, chunks)
+    exam, chunks = _validated(exam_probs, given)
     broken: list[str] = []
     if any(_positive(p) for p in chunks):
         if sum(_positive(exam[label]) for label in _RV_LV) != 1:

@@ -1,9 +1,11 @@
 """3-D Grad-CAM on the stage-1 encoder's last conv block (layer4).
 
 For chunks ``(K, 3, D, H, W)`` it weights layer4's maps by the spatially averaged gradient of
-the chunk PE logit, keeps the positive part, upsamples trilinearly to ``(D, H, W)`` and scales
-each chunk's map to [0, 1]. Gradients are needed, so it runs outside inference mode; the
-encoder's own weights get no gradient.
+the chunk's stage-1 PE logit, keeps the positive part, upsamples trilinearly to ``(D, H, W)`` and
+scales each chunk's map to [0, 1]. Layer4 is followed only by global average pooling and the
+linear classifier, so the gradient needs just the layer4 maps: the predictor keeps them from its
+stage-1 pass and Grad-CAM costs no second pass through the network. The encoder's own weights
+never get a gradient.
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ def grad_cam(
 ) -> Tensor:
     """Grad-CAM maps ``(K, D, H, W)`` float32 in [0, 1] for chunks ``(K, 3, D, H, W)``.
 
-    ``chunks`` must already be on the encoder's device (float, or uint8 scaled here to [0, 1]
-    the same way the predictor scales them). A chunk whose map is zero everywhere (no positive
-    evidence) stays all zero.
+    ``chunks`` must already be on the encoder's device (uint8 windows are scaled to [0, 1] as for
+    the network). A chunk without positive evidence gets an all-zero map.
     """
     if chunks.ndim != 5:
         raise ValueError(f"expected chunks (K, 3, D, H, W), got shape {tuple(chunks.shape)}")
@@ -46,25 +47,32 @@ def grad_cam(
     encoder.eval()
     outputs: list[Tensor] = []
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.no_grad():
             for start in range(0, chunks.shape[0], max(1, batch_size)):
-                batch = chunks[start : start + batch_size].clone()
-                outputs.append(_grad_cam_batch(encoder, batch, autocast_dtype))
+                batch = to_network_input(chunks[start : start + batch_size].clone())
+                with _autocast(batch.device, autocast_dtype):
+                    maps = encoder.feature_maps(batch)
+                outputs.append(grad_cam_from_maps(encoder, maps, tuple(batch.shape[2:])))
     finally:
         encoder.train(was_training)
     return torch.cat(outputs, dim=0)
 
 
-def _grad_cam_batch(encoder: R3D18, batch: Tensor, autocast_dtype: torch.dtype | None) -> Tensor:
-    batch = to_network_input(batch)
-    depth, height, width = batch.shape[2:]
-    with _autocast(batch.device, autocast_dtype):
-        maps = encoder.feature_maps(batch.requires_grad_(True))  # (K, C, d, h, w)
-        logits = encoder.fc(encoder.pool(maps))[:, 0]  # (K,)
-    (gradients,) = torch.autograd.grad(logits.float().sum(), maps)
-    weights = gradients.float().mean(dim=(2, 3, 4), keepdim=True)  # (K, C, 1, 1, 1)
-    cam = F.relu((weights * maps.float()).sum(dim=1, keepdim=True)).detach()  # (K, 1, d, h, w)
-    cam = F.interpolate(cam, size=(depth, height, width), mode="trilinear", align_corners=False)
-    cam = cam[:, 0]
+def grad_cam_from_maps(encoder: R3D18, maps: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Grad-CAM from layer4 activations ``(K, C, d, h, w)`` already computed (e.g. kept from the
+    stage-1 pass), upsampled to ``size = (D, H, W)``: ``(K, D, H, W)`` float32 in [0, 1].
+
+    The gradient of the PE logit is taken through the encoder's pooling and classifier with
+    autograd, so only the head is differentiated, not the whole network again.
+    """
+    if maps.ndim != 5 or len(size) != 3:
+        raise ValueError(f"expected maps (K, C, d, h, w) and a (D, H, W) size, got {tuple(maps.shape)}, {size}")
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = maps.detach().clone().float().requires_grad_(True)
+        logits = encoder.fc(encoder.pool(leaf))[:, 0]  # (K,)
+        (gradients,) = torch.autograd.grad(logits.sum(), leaf)
+    weights = gradients.mean(dim=(2, 3, 4), keepdim=True)  # (K, C, 1, 1, 1)
+    cam = F.relu((weights * leaf.detach()).sum(dim=1, keepdim=True))  # (K, 1, d, h, w)
+    cam = F.interpolate(cam, size=tuple(size), mode="trilinear", align_corners=False)[:, 0]
     peak = cam.amax(dim=(1, 2, 3), keepdim=True)
     return torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam)).clamp_(0.0, 1.0)

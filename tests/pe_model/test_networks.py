@@ -331,3 +331,34 @@ def test_grad_cam_under_bf16_autocast_on_cpu() -> None:
     assert mixed.shape == exact.shape and mixed.dtype == torch.float32
     correlation = torch.corrcoef(torch.stack([exact.flatten(), mixed.flatten()]))[0, 1]
     assert float(correlation) > 0.9
+
+
+def test_grad_cam_from_kept_maps_equals_full_backward_grad_cam() -> None:
+    """The shortcut (autograd through pool + fc on kept layer4 maps) is Grad-CAM exactly."""
+    torch.manual_seed(2)
+    encoder = R3D18(width=4).eval()
+    with torch.no_grad():
+        encoder.fc.weight.normal_(0.0, 1.0)
+    chunks = torch.rand(2, 3, 10, 32, 32, requires_grad=True)
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        captured.append(output)
+
+    # Classic Grad-CAM: hook layer4 in a full forward pass, backpropagate the logit to it.
+    handle = encoder.layer4.register_forward_hook(keep)
+    encoder(chunks)[:, 0].sum().backward()
+    handle.remove()
+    (maps,) = captured
+    assert maps.grad is not None
+    weights = maps.grad.mean(dim=(2, 3, 4), keepdim=True)
+    reference = torch.relu((weights * maps).sum(1, keepdim=True)).detach()
+    reference = torch.nn.functional.interpolate(
+        reference, size=(10, 32, 32), mode="trilinear", align_corners=False
+    )[:, 0]
+    peak = reference.amax(dim=(1, 2, 3), keepdim=True)
+    assert float(peak.max()) > 0.0
+    reference = torch.where(peak > 0, reference / peak.clamp_min(1e-12), torch.zeros_like(reference))
+    ours = grad_cam(encoder, chunks.detach())
+    assert torch.allclose(ours, reference, atol=1e-5)

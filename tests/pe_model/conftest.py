@@ -1,0 +1,39 @@
+"""Shared fixtures of the pe_model tests: a tiny random checkpoint and a small phantom series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
+from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from pe_model.preprocessing import PreprocessConfig
+
+#: Tiny model: R3D-18 at width 4 (32-d features), TCN hidden 16, input 32 x 32.
+TINY_WIDTH = 4
+TINY_PREPROCESS = PreprocessConfig(input_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised checkpoint file (untrained; outputs mean nothing)."""
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+    build_initial_checkpoint(
+        path,
+        encoder_width=TINY_WIDTH,
+        sequence=small_sequence_config(TINY_WIDTH, hidden=16),
+        preprocess_config=TINY_PREPROCESS,
+        seed=0,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PhantomTruth]:
+    """48 axial slices of 64 x 64 (2.6 mm pixels, 2.5 mm apart) with a central clot."""
+    directory = tmp_path_factory.mktemp("phantom") / "series"
+    truth = write_phantom_series(
+        directory, PhantomSpec(n_slices=48, rows=64, columns=64, locations=("central", "left"))
+    )
+    return directory, truth
