@@ -121,6 +121,8 @@ _PA_RADIUS_MM: Final[float] = 14.0
 _BRANCH_RADIUS_MM: Final[float] = 11.0
 _DISTAL_RADIUS_MM: Final[float] = 8.5
 _LV_RADIUS_MM: Final[float] = 22.0
+#: The RV pool stops growing here (RV/LV ratio about 1.55) so it stays inside the heart.
+_RV_RADIUS_MAX_MM: Final[float] = 34.0
 
 Point3 = tuple[float, float, float]
 
@@ -131,8 +133,17 @@ class PhantomError(PEModelError, ValueError):
 
 @dataclass(frozen=True)
 class PhantomSpec:
-    """What to draw. ``kind="head"`` is a non-contrast head CT the node must ignore (no PE, no
-    contrast; BodyPartExamined becomes HEAD unless set to something other than CHEST)."""
+    """What to draw; invalid combinations raise ``PhantomError`` (a ValueError).
+
+    ``kind="head"`` is a non-contrast head CT the node must ignore: no clots, no contrast, exam
+    labels negative, BodyPartExamined HEAD unless set to something other than CHEST.
+    ``rv_lv_ratio`` is the left-right diameter of the RV blood pool over the LV's on axial slices
+    (the RV stops growing at about 1.55). ``chronic``: every clot chronic (eccentric, against the
+    wall); ``acute_and_chronic``: acute clots at ``locations`` plus one chronic clot in the last
+    one. ``indeterminate`` (only with ``pe=False``): heavy noise, poor contrast and motion ghosts.
+    ``seed`` fixes anatomy details, clots, noise and UIDs. An empty ``series_description`` or
+    ``body_part_examined`` leaves the attribute out.
+    """
 
     kind: str = "ctpa"
     pe: bool = True
@@ -386,7 +397,7 @@ def _wall_direction(direction: np.ndarray, side: float) -> np.ndarray:
     return side * u / np.linalg.norm(u)
 
 
-def _clots(spec: PhantomSpec, geometry: PhantomGeometry, scale: _Scale) -> tuple[tuple[Clot, _Capsule], ...]:
+def _clots(spec: PhantomSpec, scale: _Scale) -> tuple[tuple[Clot, _Capsule], ...]:
     """Place the clots (with the artery segment each one sits in) from the spec's seed."""
     if not spec.has_pe:
         return ()
@@ -455,14 +466,12 @@ def _landmarks(spec: PhantomSpec, scale: _Scale) -> dict[str, Point3]:
     if spec.kind == "head":
         reference = {"brain": (30.0, 20.0, 20.0), "skull": (0.0, -_HEAD_SKULL.semi_axes[1] + 3.5, 0.0)}
     else:
-        rv_radius = min(_LV_RADIUS_MM * spec.rv_lv_ratio, 34.0)
         reference = {
             "pulmonary_trunk": _point_on(_TRUNK, 0.25),
             "right_lung": _LUNG_MARKS["right"],
             "left_lung": _LUNG_MARKS["left"],
             "left_ventricle": _LV_CENTRE,
             "right_ventricle": _RV_CENTRE,
-            "rv_lateral_wall_inner": (_RV_CENTRE[0] - rv_radius + 2.0, _RV_CENTRE[1], _RV_CENTRE[2]),
             "descending_aorta": (22.0, 48.0, -60.0),
             "vertebral_body": (0.0, 70.0, -10.0),
             "outside_body": (0.0, -_BODY_SEMI_AXES[1] - 40.0, 0.0),
@@ -481,7 +490,7 @@ class _Renderer:
         self.spec = spec
         self.geometry = _geometry(spec)
         self.scale = _scale(spec)
-        self.placed_clots = _clots(spec, self.geometry, self.scale)
+        self.placed_clots = _clots(spec, self.scale)
         ps = spec.pixel_spacing_mm
         x0, y0, _ = self.geometry.image_positions_patient[0]
         self._x_mm = (x0 + ps * np.arange(spec.columns)).astype(np.float32)  # (columns,)
@@ -673,7 +682,7 @@ class _Renderer:
         # Heart with blood pools.
         self._paint(image, self._ellipsoid_mask(_HEART, z), _HU_MYOCARDIUM)
         lv = _LV_RADIUS_MM
-        rv = min(_LV_RADIUS_MM * self.spec.rv_lv_ratio, 34.0)
+        rv = min(_LV_RADIUS_MM * self.spec.rv_lv_ratio, _RV_RADIUS_MAX_MM)
         self._paint(image, self._ellipsoid_mask(_Ellipsoid(_LV_CENTRE, (lv, lv, 32.0)), z), self.blood_hu)
         self._paint(image, self._ellipsoid_mask(_Ellipsoid(_RV_CENTRE, (rv, 0.8 * lv, 32.0)), z), self.blood_hu)
         for segment in _AORTA:
@@ -888,7 +897,7 @@ def _single_frame(
     ds.SliceLocation = _format_ds(position[2])
     ds.PixelSpacing = [_format_ds(spec.pixel_spacing_mm)] * 2
     ds.SliceThickness = _format_ds(spec.thickness_mm)
-    ds.KVP = 120 if spec.kind == "ctpa" else 120
+    ds.KVP = 120
     ds.DataCollectionDiameter = _format_ds(500.0)
     ds.ReconstructionDiameter = _format_ds(spec.pixel_spacing_mm * spec.columns)
     ds.GantryDetectorTilt = "0"
