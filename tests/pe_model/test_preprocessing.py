@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,3 +379,57 @@ def test_head_phantom_falls_back_to_the_body_box() -> None:
     _, y, x = series.resampled_shape
     assert series.crop.shape[1] < y and series.crop.shape[2] < x  # the air around the head is cut
     assert series.chunks.shape[1:] == (3, 10, 32, 32)
+
+
+# ---- memory on a full-size series -------------------------------------------------------------
+
+_MEASURE = """
+import resource, sys
+from pe_model.preprocessing import preprocess
+from pe_model.volume import load_series
+volume = load_series(sys.argv[1])
+series = preprocess(volume)
+print(volume.shape, tuple(series.chunks.shape), series.crop.basis, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_full_size_series_loads_and_preprocesses_under_2_gb(tmp_path: Path) -> None:
+    """400 x 512 x 512 at 0.7 mm from DICOM files: peak RSS of load + preprocess stays under 2 GB."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    n, size, spacing = 400, 512, 0.7
+    axis = (np.arange(size) - size / 2) * spacing
+    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    body = (xx / 170) ** 2 + (yy / 120) ** 2 <= 1
+    study, series_uid = generate_uid(), generate_uid()
+    for k in range(n):
+        z = k * spacing
+        hu = np.where(body, 40, -1000).astype(np.int16)
+        for cx in (-75.0, 70.0):
+            hu[((xx - cx) / 50) ** 2 + ((yy + 5) / 70) ** 2 + ((z - n * spacing / 2) / 110) ** 2 <= 1] = -850
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.SOPInstanceUID = generate_uid()
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series_uid, "CT"
+        ds.ImagePositionPatient = [float(axis[0]), float(axis[0]), z]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [spacing, spacing]
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 1
+        ds.PixelData = (hu + 1024).tobytes()
+        ds.save_as(tmp_path / f"{n - k:04d}.dcm", enforce_file_format=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(tmp_path)], check=True, capture_output=True, text=True, timeout=300
+    )
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("(400, 512, 512)") and "lungs" in line
+    peak_mb = int(line.rsplit(" ", 1)[1])
+    assert peak_mb < 2048, line
