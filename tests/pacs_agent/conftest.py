@@ -90,3 +90,24 @@ def migrated_db(settings_factory: Callable[..., Settings]) -> Iterator[MigratedD
         yield MigratedDB(settings=settings, engine=engine, session_factory=make_session_factory(engine))
     finally:
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised, tiny checkpoint (R3D-18 width 4, input 32): fast, outputs meaningless."""
+    from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
+    from pe_model.preprocessing import PreprocessConfig
+
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+    build_initial_checkpoint(
+        path, encoder_width=4, sequence=small_sequence_config(4, hidden=16), preprocess_config=PreprocessConfig(input_size=32), seed=0,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor(tiny_checkpoint: Path) -> Any:
+    """The tiny checkpoint loaded once for the session (pe_model.predictor.Predictor)."""
+    from pe_model.predictor import Predictor
+
+    return Predictor.from_checkpoint(tiny_checkpoint, gradcam_top_k=2, num_threads=1)

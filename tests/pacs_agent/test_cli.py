@@ -226,3 +226,36 @@ def test_reprocess_study_skips_ignored_series(cli: CallCLI, factory) -> None:  #
         session.add(Series(study_instance_uid="1.5.1", series_instance_uid="1.5.1.9", state=SeriesState.IGNORED, ignore_reason="head CT"))
     code, out, _ = cli("reprocess", "--study", "1.5.1", "--json")
     assert code == 0 and [c["series_instance_uid"] for c in json.loads(out)["created"]] == ["1.5.1.1"]
+
+
+def test_analyze_folder_writes_reports_without_database(cli: CallCLI, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from pe_model.phantoms import PhantomSpec, write_phantom_series
+
+    truth = write_phantom_series(tmp_path / "series", PhantomSpec(n_slices=48, rows=64, columns=64))
+    (tmp_path / "series" / "README.txt").write_text("not DICOM")  # a stray file is skipped
+    out = tmp_path / "out"
+    code, stdout, err = cli("analyze", str(tmp_path / "series"), "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["series_instance_uid"] == truth.series_instance_uid
+    kinds = sorted(w["kind"] for w in data["written"])
+    assert kinds[-1] == "SR" and kinds.count("SC") >= 1
+    assert all(Path(w["path"]).parent == out and Path(w["path"]).is_file() for w in data["written"])
+    assert not (tmp_path / "db.sqlite").exists()  # no database touched
+    code, stdout, _ = cli("analyze", str(tmp_path / "series"), "--out", str(out), "--checkpoint", str(tiny_checkpoint))
+    assert code == 0 and "flag:" in stdout and "wrote SR" in stdout
+
+
+def test_analyze_bad_input_exits_2_with_one_line(cli: CallCLI, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from pe_model.phantoms import PhantomSpec, write_phantom_series
+
+    write_phantom_series(tmp_path / "short", PhantomSpec(n_slices=4, rows=64, columns=64))
+    code, _, err = cli("analyze", str(tmp_path / "short"), "--checkpoint", str(tiny_checkpoint))
+    assert code == 2 and err.count("\n") == 1 and "cannot analyse" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("analyze", str(tmp_path / "empty"), "--checkpoint", str(tiny_checkpoint))
+    assert code == 2 and "holds no DICOM files" in err
+    code, _, err = cli("analyze", str(tmp_path / "nope"))
+    assert code == 2 and "is not a folder" in err
+    code, _, err = cli("analyze", str(tmp_path / "short"), "--checkpoint", str(tmp_path / "missing.pt"))
+    assert code == 2 and "cannot analyse" in err

@@ -1,0 +1,165 @@
+"""The analysis chain: DICOM files -> datasets -> Prediction -> report objects.
+
+The worker runs it on a series from the spool; `pe-agent analyze DIR` runs it on a folder with no
+network and no database. The model is loaded by the caller (once per process) and passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from pacs_agent.errors import AgentError, ReportError
+from pacs_agent.logging import configure_logging, get_logger, log_context, protect_patient_values
+from pacs_agent.settings import OutputSettings, Settings
+
+if TYPE_CHECKING:
+    from pacs_agent.reports import ProducedObject
+    from pe_model.prediction import Prediction
+    from pe_model.predictor import Predictor
+
+log = get_logger(__name__)
+
+
+class SourceReadError(AgentError):
+    """The source files of a series cannot be read (missing from the spool, unreadable)."""
+
+
+@dataclass(frozen=True)
+class AnalysisOutcome:
+    """A prediction and the DICOM objects written from it."""
+
+    prediction: Prediction
+    produced: tuple[ProducedObject, ...]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            **self.prediction.to_json_dict(),
+            "written": [
+                {"kind": p.kind.value, "path": str(p.path), "sop_class_uid": p.sop_class_uid,
+                 "sop_instance_uid": p.sop_instance_uid, "series_instance_uid": p.series_instance_uid}
+                for p in self.produced
+            ],
+        }
+
+
+def dicom_files(directory: Path) -> list[Path]:
+    """Every regular file below ``directory`` (sorted), hidden files and folders excluded."""
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+
+
+def read_datasets(paths: Iterable[Path], *, skip_non_dicom: bool = False) -> list[Dataset]:
+    """Read DICOM files with pixel data; patient values are registered so logs can mask them.
+
+    ``skip_non_dicom``: ignore files that are not DICOM (a folder given by a user); otherwise any
+    unreadable file is an error (the spool holds only what the receiver stored).
+    """
+    datasets: list[Dataset] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+        except InvalidDicomError:
+            if skip_non_dicom:
+                continue
+            raise SourceReadError(f"{path.name} is not a DICOM file") from None
+        except FileNotFoundError:
+            raise SourceReadError(f"{path} is missing from the spool") from None
+        except OSError as exc:
+            raise SourceReadError(f"{path} cannot be read: {exc.strerror or exc}") from None
+        protect_patient_values(ds)
+        datasets.append(ds)
+    return datasets
+
+
+def analyze_datasets(
+    predictor: Predictor,
+    datasets: Sequence[Dataset],
+    outputs: OutputSettings,
+    out_dir: Path,
+    *,
+    previous_report: Dataset | None = None,
+) -> AnalysisOutcome:
+    """Predict on one series and write its reports into ``out_dir``.
+
+    Raises pe_model.SeriesError for a series the model cannot analyse, ReportError when writing fails.
+    """
+    from pacs_agent.reports import write_reports
+
+    prediction = predictor.predict(list(datasets))
+    produced = write_reports(prediction, datasets, outputs, out_dir, previous_report=previous_report)
+    return AnalysisOutcome(prediction=prediction, produced=tuple(produced))
+
+
+def load_predictor(settings: Settings, *, checkpoint: str | None = None, processes: int = 1) -> Predictor:
+    """The model of ``settings.model`` (or ``checkpoint``), loaded once and checked by hash.
+
+    ``processes``: how many model processes share this machine; without ``model.torch_threads``
+    each gets an equal share of the cores (oversubscribed cores slow every convolution down).
+    """
+    from pe_model.predictor import Predictor
+
+    model = settings.model
+    threads = model.torch_threads or max(1, (os.cpu_count() or 1) // max(processes, 1))
+    return Predictor.from_checkpoint(
+        checkpoint or model.checkpoint,
+        device=model.device,
+        expected_sha256=model.checkpoint_sha256 or None,
+        gradcam_top_k=settings.outputs.key_slices,
+        num_threads=threads,
+    )
+
+
+def _summary(outcome: AnalysisOutcome, review_margin: float) -> str:
+    from pacs_agent.worklist import flag_for, summarize
+
+    p = outcome.prediction
+    lines = [
+        f"series {p.series_instance_uid}",
+        f"flag: {flag_for(p, review_margin).value}   {summarize(p)}",
+        f"model: {p.model.name} {p.model.version} (sha256 {p.model.sha256[:16]}...)"
+        + ("  NOT FOR CLINICAL USE" if p.model.not_for_clinical_use else ""),
+        "labels: " + ", ".join(k for k, v in p.labels.items() if v),
+    ]
+    lines += [f"wrote {o.kind.value}: {o.path}" for o in outcome.produced]
+    return "\n".join(lines)
+
+
+def run_analyze(settings: Settings, directory: Path, *, out_dir: Path | None, checkpoint: str | None, as_json: bool) -> int:
+    """`pe-agent analyze`: 0 ok, 2 for a folder or series that cannot be analysed, 1 when writing fails."""
+    from pe_model.errors import CheckpointError, SeriesError
+
+    configure_logging(settings.log)
+    if not directory.is_dir():
+        print(f"pe-agent: {directory} is not a folder", file=sys.stderr)
+        return 2
+    out = out_dir if out_dir is not None else directory.resolve().parent / "pe_reports"
+    try:
+        datasets = read_datasets(dicom_files(directory), skip_non_dicom=True)
+        if not datasets:
+            raise SourceReadError(f"{directory} holds no DICOM files")
+        predictor = load_predictor(settings, checkpoint=checkpoint)
+        with log_context(series_instance_uid=str(getattr(datasets[0], "SeriesInstanceUID", ""))):
+            outcome = analyze_datasets(predictor, datasets, settings.outputs, out)
+    except (SeriesError, CheckpointError, SourceReadError) as exc:
+        print(f"pe-agent: cannot analyse {directory}: {exc}", file=sys.stderr)
+        return 2
+    except ReportError as exc:
+        print(f"pe-agent: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(outcome.to_json_dict(), indent=2))
+    else:
+        print(_summary(outcome, settings.model.review_margin))
+    return 0
