@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
@@ -727,21 +727,6 @@ class Receiver:
         return STATUS_SUCCESS, "stored"
 
 
-def received_series_headers(spool: Spool, paths: Iterable[str], keywords: Sequence[str] | None = None) -> list[pydicom.Dataset]:
-    """Headers (no pixel data) of stored instances given their spool-relative paths; unreadable ones skipped."""
-    headers: list[pydicom.Dataset] = []
-    for relative in paths:
-        try:
-            file = spool.absolute(relative)
-            if keywords is None:
-                headers.append(pydicom.dcmread(file, stop_before_pixels=True))
-            else:
-                headers.append(read_header(file, keywords=keywords))
-        except (InvalidDicomError, OSError, ValueError, InvalidUIDError) as exc:
-            log.warning("spool_file_unreadable", path=relative, error=str(exc))
-    return headers
-
-
 __all__ = [
     "ANALYSED_SOP_CLASSES",
     "Receiver",
@@ -749,6 +734,5 @@ __all__ = [
     "ReceivedInstance",
     "apply_records",
     "read_header",
-    "received_series_headers",
     "server_ssl_context",
 ]
