@@ -113,7 +113,8 @@ def build_segmentation(
             content_description=long_string("Grad-CAM saliency, unverified AI output"),
             content_label="PE_GRADCAM",
             series_description=series_description("AI PE heatmap segmentation", model),
-            omit_empty_frames=False,
+            # Enhanced CT: only the key frames are kept; an all-zero array keeps its frames (SEG needs one).
+            omit_empty_frames=bool(np.any(np.rint(array * 255) > 0)),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"heatmap segmentation for series {prediction.series_instance_uid} could not be built: {exc}") from exc

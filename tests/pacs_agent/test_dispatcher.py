@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.uid import SecondaryCaptureImageStorage
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -270,3 +272,44 @@ def test_echo_ok_and_failed() -> None:
     result = echo(destination, calling_ae_title="PE_AGENT", timeout=5)
     assert (result.ok, result.status) == (False, None)
     assert "no association" in result.message and result.seconds >= 0
+
+
+def test_sop_class_the_destination_does_not_accept_is_retried(
+    migrated_db: MigratedDB, settings_factory: Callable[..., Settings]
+) -> None:
+    factory = migrated_db.session_factory
+    with PacsSCP(ae_title="PACS0", sop_classes=[SecondaryCaptureImageStorage]) as pacs:
+        settings = _settings(migrated_db, settings_factory, pacs.port)
+        _job_with_outputs(factory, settings, key_slices=1)
+        assert dispatch_due(factory, settings, owner=OWNER) == 2
+        pacs.wait_for(1, timeout=5)
+    sr, sc = _deliveries(factory)
+    assert (sr.status, sr.attempts, sr.last_dicom_status) == (DeliveryStatus.PENDING, 1, None)
+    assert "did not accept" in sr.last_error
+    assert sc.status == DeliveryStatus.DELIVERED
+
+
+def test_two_dispatchers_never_send_the_same_delivery_twice(
+    migrated_db: MigratedDB, settings_factory: Callable[..., Settings]
+) -> None:
+    factory = migrated_db.session_factory
+    with PacsSCP(ae_title="PACS0") as pacs:
+        settings = _settings(migrated_db, settings_factory, pacs.port)
+        for _ in range(3):
+            _job_with_outputs(factory, settings, key_slices=2)
+        counts: dict[str, int] = {}
+        barrier = threading.Barrier(2)
+
+        def run(owner: str) -> None:
+            barrier.wait()
+            counts[owner] = dispatch_due(factory, settings, owner=owner)
+
+        threads = [threading.Thread(target=run, args=(f"dispatcher-{i}",)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        pacs.wait_for(9, timeout=10)
+    assert sum(counts.values()) == 9
+    assert len(pacs.requests) == 9 and len(set(pacs.received_uids)) == 9
+    assert all(d.status == DeliveryStatus.DELIVERED and d.attempts == 1 for d in _deliveries(factory))

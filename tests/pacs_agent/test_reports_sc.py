@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import SecondaryCaptureImageStorage
+from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage
 
 from pacs_agent.db.models import OutputKind
 from pacs_agent.reports import write_reports
@@ -20,6 +21,7 @@ from pacs_agent.reports.sc import (
 )
 from pacs_agent.reports.sources import hounsfield
 from pacs_agent.settings import OutputSettings
+from pe_model.phantoms import PhantomSpec, write_phantom_series
 from tests.support.ct_series import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, CTSeriesSpec, make_ct_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.predictions import make_prediction
@@ -120,3 +122,48 @@ def test_secondary_captures_pass_dciodvfy(tmp_path: Path, series: list[Dataset])
         result = run_dciodvfy(p.path)
         assert result.errors == [], result.output
         assert result.iod == "SCImage"
+
+
+def _phantom(tmp_path: Path, **kwargs: Any) -> list[Dataset]:
+    truth = write_phantom_series(tmp_path / "phantom", PhantomSpec(n_slices=12, rows=48, columns=48), **kwargs)
+    return [pydicom.dcmread(path) for path in dict.fromkeys(truth.files)]
+
+
+@pytest.mark.parametrize(
+    "phantom_kwargs",
+    [{"enhanced": True}, {"transfer_syntax_uid": JPEG2000Lossless}],
+    ids=["enhanced-ct", "jpeg2000-single-frame"],
+)
+def test_overlays_of_enhanced_and_compressed_phantoms(tmp_path: Path, phantom_kwargs: dict[str, Any]) -> None:
+    datasets = _phantom(tmp_path, **phantom_kwargs)
+    prediction = make_prediction(datasets, n_key_images=2)
+    produced = write_reports(prediction, datasets, OutputSettings(key_slices=2, segmentation=True), tmp_path / "out")
+    assert [p.kind for p in produced] == [OutputKind.SR, OutputKind.SC, OutputKind.SC, OutputKind.SEG]
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    ranked = sorted(prediction.heatmaps, key=lambda h: -prediction.chunk_probabilities[h.chunk_index])
+    for heatmap, p in zip(ranked, produced[1:3], strict=True):
+        sc = pydicom.dcmread(p.path)
+        reference = sc.SourceImageSequence[0]
+        assert reference.ReferencedSOPInstanceUID == heatmap.sop_instance_uid
+        assert reference.get("ReferencedFrameNumber") == heatmap.frame_number
+        source = by_uid[heatmap.sop_instance_uid]
+        rows = int(source.Rows)
+        scale = -(-MIN_WIDTH // rows)
+        image = sc.pixel_array[: rows * scale : scale, ::scale]
+        assert np.array_equal(image, blend_heatmap(window_to_rgb(hounsfield(source, heatmap.frame_number)), heatmap.values))
+    if dciodvfy_available():
+        for p in produced:
+            result = run_dciodvfy(p.path)
+            assert result.errors == [], result.output
+
+
+def test_hounsfield_reads_the_same_values_from_enhanced_frames_and_single_slices(tmp_path: Path) -> None:
+    spec = PhantomSpec(n_slices=6, rows=32, columns=32)
+    enhanced = pydicom.dcmread(write_phantom_series(tmp_path / "e", spec, enhanced=True).files[0])
+    slices = sorted(
+        (pydicom.dcmread(f) for f in write_phantom_series(tmp_path / "s", spec).files), key=lambda ds: int(ds.InstanceNumber)
+    )
+    for frame, single in enumerate(slices, start=1):
+        assert np.array_equal(hounsfield(enhanced, frame), hounsfield(single))
+    assert not np.array_equal(hounsfield(enhanced, 1), hounsfield(enhanced, 2))
+    assert hounsfield(slices[0]).min() < -900  # air, so the rescale was applied

@@ -14,6 +14,7 @@ from pydicom.uid import SegmentationStorage
 from pacs_agent.db.models import OutputKind
 from pacs_agent.reports import write_reports
 from pacs_agent.settings import OutputSettings
+from pe_model.phantoms import PhantomSpec, write_phantom_series
 from tests.support.ct_series import CTSeriesSpec, make_ct_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.predictions import DEMO_SHA256, make_prediction
@@ -65,3 +66,27 @@ def test_segmentation_passes_dciodvfy(tmp_path: Path, series: list[Dataset]) -> 
     result = run_dciodvfy(produced.path)
     assert result.errors == [], result.output
     assert result.iod == "Segmentation"
+
+
+def test_enhanced_ct_segmentation_keeps_only_the_key_frames(tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "phantom", PhantomSpec(n_slices=12, rows=32, columns=32), enhanced=True)
+    [enhanced] = [pydicom.dcmread(path) for path in dict.fromkeys(truth.files)]
+    prediction = make_prediction([enhanced], n_key_images=2)
+    [produced] = write_reports(prediction, [enhanced], SEG_ONLY, tmp_path / "out")
+    seg = highdicom.seg.segread(produced.path)
+    frames = sorted(int(h.frame_number or 0) for h in prediction.heatmaps[:2])
+    assert seg.NumberOfFrames == 2
+    referenced = sorted(
+        int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for item in seg.PerFrameFunctionalGroupsSequence
+    )
+    assert referenced == frames
+    pixels = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=enhanced.SOPInstanceUID, source_frame_numbers=frames, rescale_fractional=True
+    )
+    by_frame = {h.frame_number: h for h in prediction.heatmaps}
+    for i, frame in enumerate(frames):
+        np.testing.assert_allclose(pixels[i, :, :, 0], by_frame[frame].values, atol=1 / 255 + 1e-6)
+    if dciodvfy_available():
+        result = run_dciodvfy(produced.path)
+        assert result.errors == [], result.output

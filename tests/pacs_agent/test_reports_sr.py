@@ -14,6 +14,7 @@ from pacs_agent.db.models import OutputKind
 from pacs_agent.errors import ReportError
 from pacs_agent.reports import ProducedObject, codes, write_reports
 from pacs_agent.settings import OutputSettings
+from pe_model.phantoms import PhantomSpec, write_phantom_series
 from pe_model.prediction import KeyImage, Prediction
 from tests.support.ct_series import PATIENT_ID, PATIENT_NAME, CTSeriesSpec, make_ct_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
@@ -216,3 +217,17 @@ def test_dciodvfy_check_catches_a_broken_report(tmp_path: Path, series: list[Dat
     ds.save_as(broken)
     result = run_dciodvfy(broken)
     assert any("Completion Flag" in line or "CompletionFlag" in line for line in result.errors), result.output
+
+
+def test_enhanced_ct_key_frames_are_referenced_by_frame_number(tmp_path: Path) -> None:
+    truth = write_phantom_series(tmp_path / "phantom", PhantomSpec(n_slices=12, rows=32, columns=32), enhanced=True)
+    [enhanced] = [pydicom.dcmread(path) for path in dict.fromkeys(truth.files)]
+    prediction = make_prediction([enhanced], n_key_images=3)
+    sr = highdicom.sr.srread(_write_sr(tmp_path, prediction, [enhanced]).path)
+    [source] = _groups(sr)[0].source_images
+    assert source.referenced_sop_instance_uid == enhanced.SOPInstanceUID
+    assert sorted(source.referenced_frame_numbers) == sorted(k.frame_number for k in prediction.key_images)
+    assert {sop for _, _, sop, _ in sr.get_evidence()} == {enhanced.SOPInstanceUID}
+    if dciodvfy_available():
+        result = run_dciodvfy(_write_sr(tmp_path, prediction, [enhanced]).path)
+        assert result.errors == [], result.output

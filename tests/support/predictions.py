@@ -43,9 +43,20 @@ def make_prediction(
     n_key_images: int = 3,
     chunk_size: int = 2,
 ) -> Prediction:
-    """A consistent prediction (SEED.md label rules) whose key images are among ``datasets``."""
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
-    chunks = tuple(tuple(uids[i : i + chunk_size]) for i in range(0, len(uids), chunk_size))
+    """A consistent prediction (SEED.md label rules) whose key images are among ``datasets``.
+
+    One multi-frame dataset (Enhanced CT) is cut into chunks of frames; key images and heatmaps then
+    carry 1-based frame numbers.
+    """
+    multi_frame = len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1
+    if multi_frame:
+        uid = str(datasets[0].SOPInstanceUID)
+        units: list[tuple[str, int | None]] = [(uid, f) for f in range(1, int(datasets[0].NumberOfFrames) + 1)]
+    else:
+        units = [(str(ds.SOPInstanceUID), None) for ds in datasets]
+    uids = list(dict.fromkeys(u for u, _ in units))
+    unit_chunks = [units[i : i + chunk_size] for i in range(0, len(units), chunk_size)]
+    chunks = tuple(tuple(dict.fromkeys(u for u, _ in chunk)) for chunk in unit_chunks)
     p_pe = 0.93 if pe_present else 0.08
     chunk_probabilities = tuple(
         (p_pe if i == 1 else 0.6 - 0.05 * i if pe_present else 0.05 + 0.01 * i) for i in range(len(chunks))
@@ -64,8 +75,9 @@ def make_prediction(
     }
     labels = {name: probabilities[name] > 0.5 for name in EXAM_LABELS}
     ranked = sorted(range(len(chunks)), key=lambda i: -chunk_probabilities[i])[:n_key_images]
+    middle = {i: unit_chunks[i][len(unit_chunks[i]) // 2] for i in ranked}
     key_images = tuple(
-        KeyImage(sop_instance_uid=chunks[i][len(chunks[i]) // 2], pe_probability=chunk_probabilities[i], chunk_index=i)
+        KeyImage(sop_instance_uid=middle[i][0], pe_probability=chunk_probabilities[i], chunk_index=i, frame_number=middle[i][1])
         for i in ranked
     )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
@@ -75,6 +87,7 @@ def make_prediction(
             chunk_index=k.chunk_index,
             values=_heatmap(int(by_uid[k.sop_instance_uid].Rows), int(by_uid[k.sop_instance_uid].Columns), (20.0, 40.0)),
             peak_position_patient=(0.0, 0.0, 0.0),
+            frame_number=k.frame_number,
         )
         for k in key_images
     )
