@@ -810,7 +810,11 @@ def _format_ds(value: float) -> str:
 
 
 def _common_dataset(
-    spec: PhantomSpec, study_instance_uid: str, series_instance_uid: str, frame_of_reference_uid: str, series_number: int
+    spec: PhantomSpec,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    frame_of_reference_uid: str,
+    series_number: int,
 ) -> Dataset:
     """Patient, study, series, equipment and frame-of-reference attributes shared by every file."""
     ds = Dataset()
@@ -1170,7 +1174,8 @@ def _gdcm_encode(ds: Dataset, transfer_syntax_uid: str) -> bytes:
             raise PhantomError(f"GDCM could not write the {UID(transfer_syntax_uid).name} image")
         result = pydicom.dcmread(encoded)
         if result.file_meta.TransferSyntaxUID != transfer_syntax_uid:
-            raise PhantomError(f"GDCM wrote {result.file_meta.TransferSyntaxUID.name}, not {UID(transfer_syntax_uid).name}")
+            written = result.file_meta.TransferSyntaxUID.name
+            raise PhantomError(f"GDCM wrote {written}, not {UID(transfer_syntax_uid).name}")
         return bytes(result.PixelData)
 
 
@@ -1213,8 +1218,11 @@ def write_phantom_series(
     Single-frame CT Image Storage files (one per slice) or, with ``enhanced``, one Enhanced CT
     Image Storage file. ``file_names``: ``"sop"`` -> ``<SOPInstanceUID>.dcm``, ``"index"`` ->
     ``IM000001.dcm`` (InstanceNumber order). Stored values: uint16 HU + 1024 with 12 bits stored
-    and RescaleIntercept -1024 by default; with ``signed_pixels`` int16 HU, intercept 0. UIDs are derived from the spec (same spec ->
-    same UIDs); pass ``study_instance_uid`` to put several series in one study.
+    and RescaleIntercept -1024 by default; with ``signed_pixels`` int16 HU, intercept 0. UIDs
+    are derived from the spec (same spec -> same UIDs); pass ``study_instance_uid`` to put
+    several series in one study. Transfer syntaxes: ``SUPPORTED_TRANSFER_SYNTAXES`` (JPEG
+    Lossless via GDCM, JPEG-LS via pyjpegls, the rest via pydicom's own encoders); any other
+    raises ``PhantomError``. ``series_number`` defaults to 3 (CTPA), 4 (Enhanced), 2 (head).
     """
     if file_names not in ("sop", "index"):
         raise PhantomError(f'file_names must be "sop" or "index", not {file_names!r}')
