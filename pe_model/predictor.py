@@ -112,11 +112,12 @@ class Predictor:
         self.device = resolve_device(device)
         self.gradcam_top_k = gradcam_top_k
         self.batch_size = batch_size
-        if self.device.type == "cpu":
-            # Never more threads than cores we may run on: oversubscription slows convolutions.
-            threads = num_threads if num_threads is not None else _available_cores()
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(max(1, threads))
+        if num_threads is not None:
+            torch.set_num_threads(max(1, num_threads))
+        elif torch.get_num_threads() > _available_cores():
+            # Never more threads than cores this process may run on: oversubscription makes
+            # convolutions many times slower. Fewer threads set by the caller are kept.
+            torch.set_num_threads(_available_cores())
         self.preprocess_config: PreprocessConfig = checkpoint.preprocess_config
         self.encoder: R3D18 = checkpoint.build_encoder().to(self.device)
         self.sequence_model: SequenceModel = checkpoint.build_sequence_model().to(self.device)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
 from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
@@ -13,6 +15,17 @@ from pe_model.preprocessing import PreprocessConfig
 #: Tiny model: R3D-18 at width 4 (32-d features), TCN hidden 16, input 32 x 32.
 TINY_WIDTH = 4
 TINY_PREPROCESS = PreprocessConfig(input_size=32)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (thread hand-offs dominate, many times over on a
+    busy 2-core machine); the previous count is restored after the module. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

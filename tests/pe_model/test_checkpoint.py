@@ -21,6 +21,8 @@ from pe_model.labels import EXAM_LABELS
 from pe_model.networks.r3d18 import R3D18
 from pe_model.networks.sequence import SequenceConfig, SequenceModel
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PREPROCESS = {"spacing_mm": 1.0, "input_size": 32, "chunk_depth": 10, "crop_margin_mm": 10.0}
 
 

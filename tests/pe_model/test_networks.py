@@ -19,6 +19,8 @@ from pe_model.networks.sequence import (
     restore_sequence,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # State-dict keys and shapes of torchvision.models.video.r3d_18() (num_classes=400), written from
 # torchvision/models/video/resnet.py: BasicStem, BasicBlock(conv1=(Conv3DSimple, BN, ReLU),
 # conv2=(Conv3DSimple, BN), downsample=(1x1x1 conv, BN) on the first block of layer2..4), fc.

@@ -20,6 +20,8 @@ from pe_model.predictor import DeviceError, Predictor
 from pe_model.preprocessing import preprocess
 from pe_model.volume import load_series
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STAGES = ("load", "preprocess", "stage1", "stage2", "gradcam", "total")
 
 

@@ -1,0 +1,220 @@
+"""``python -m pe_model benchmark``: per-stage time and peak RSS of ``Predictor.predict``.
+
+Writes a synthetic CTPA phantom (``pe_model.phantoms``) to a temporary folder in a separate
+process, so the phantom's own memory does not count, then loads a checkpoint (a given file, or a
+random-init model of the chosen width and input size) and runs ``predict`` ``repeats`` times:
+the first run is cold (allocator and kernel warm-up), later runs show the steady state of a
+worker that keeps the model loaded. Peak RSS is ``ru_maxrss`` of this process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pe_model.checkpoint import ModelCard, build_initial_checkpoint, small_sequence_config
+from pe_model.networks.sequence import SequenceConfig
+from pe_model.phantoms import PhantomSpec, write_phantom_series
+from pe_model.predictor import Predictor
+from pe_model.preprocessing import PreprocessConfig
+
+STAGES: tuple[str, ...] = ("load", "preprocess", "stage1", "stage2", "gradcam", "total")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """What to time. Without ``checkpoint`` a random-init model of ``width`` at ``input_size``."""
+
+    slices: int = 400
+    size: int = 512
+    spacing_mm: float = 0.7
+    checkpoint: str | None = None
+    width: int = 64
+    input_size: int = 192
+    device: str = "cpu"
+    repeats: int = 2
+    gradcam_top_k: int = 3
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """Timings of each predict run (seconds per stage), peak RSS and the machine."""
+
+    spec: BenchmarkSpec
+    runs: tuple[dict[str, float], ...]
+    chunks: int
+    peak_rss_mb: float
+    phantom_write_s: float
+    model_load_s: float
+    model: dict[str, Any]
+    machine: dict[str, Any]
+    date: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "spec": asdict(self.spec),
+            "runs": [dict(run) for run in self.runs],
+            "chunks": self.chunks,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "phantom_write_s": round(self.phantom_write_s, 2),
+            "model_load_s": round(self.model_load_s, 2),
+            "model": self.model,
+            "machine": self.machine,
+            "date": self.date,
+        }
+
+
+def cpu_model_name() -> str:
+    """``model name`` of /proc/cpuinfo (what ``lscpu`` shows), else the platform's processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> dict[str, Any]:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    info: dict[str, Any] = {
+        "cpu": cpu_model_name(),
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _write_phantom(directory: str, slices: int, size: int, spacing_mm: float) -> None:
+    write_phantom_series(
+        directory,
+        PhantomSpec(
+            n_slices=slices,
+            rows=size,
+            columns=size,
+            pixel_spacing_mm=spacing_mm,
+            slice_spacing_mm=spacing_mm,
+            locations=("central", "right"),
+        ),
+    )
+
+
+def _peak_rss_mb() -> float:
+    # Linux reports kilobytes, macOS bytes.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if platform.system() == "Darwin" else peak / 1024.0
+
+
+def run_benchmark(spec: BenchmarkSpec) -> BenchmarkResult:
+    """Write the phantom, load the model, time ``spec.repeats`` predict runs."""
+    if spec.repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="pe-benchmark-") as temporary:
+        folder = Path(temporary) / "series"
+        mark = time.perf_counter()
+        context = multiprocessing.get_context("spawn")
+        writer = context.Process(
+            target=_write_phantom, args=(str(folder), spec.slices, spec.size, spec.spacing_mm)
+        )
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise RuntimeError(f"writing the phantom failed (exit code {writer.exitcode})")
+        phantom_write_s = time.perf_counter() - mark
+
+        checkpoint: str | Path
+        if spec.checkpoint is not None:
+            checkpoint = spec.checkpoint
+        else:
+            checkpoint = Path(temporary) / "random.pt"
+            sequence: SequenceConfig = (
+                SequenceConfig(feature_dim=8 * spec.width)
+                if spec.width == 64
+                else small_sequence_config(spec.width, hidden=64)
+            )
+            build_initial_checkpoint(
+                checkpoint,
+                encoder_width=spec.width,
+                sequence=sequence,
+                preprocess_config=PreprocessConfig(input_size=spec.input_size),
+                card=ModelCard(
+                    name=f"benchmark-random-width{spec.width}",
+                    version="0",
+                    training_data="none (random initialisation)",
+                    intended_use="timing only",
+                    not_for_clinical_use=True,
+                ),
+            )
+        mark = time.perf_counter()
+        predictor = Predictor.from_checkpoint(
+            checkpoint, device=spec.device, gradcam_top_k=spec.gradcam_top_k
+        )
+        model_load_s = time.perf_counter() - mark
+        runs: list[dict[str, float]] = []
+        chunks = 0
+        for _ in range(spec.repeats):
+            prediction = predictor.predict(folder)
+            runs.append({stage: float(prediction.timings_s[stage]) for stage in STAGES})
+            chunks = len(prediction.chunk_probabilities)
+    info = predictor.model_info
+    return BenchmarkResult(
+        spec=spec,
+        runs=tuple(runs),
+        chunks=chunks,
+        peak_rss_mb=_peak_rss_mb(),
+        phantom_write_s=phantom_write_s,
+        model_load_s=model_load_s,
+        model={
+            "name": info.name,
+            "sha256": info.sha256,
+            "encoder_width": predictor.checkpoint.model_config.encoder_width,
+            "input_size": predictor.preprocess_config.input_size,
+            "sequence": predictor.checkpoint.model_config.sequence.to_dict(),
+        },
+        machine=machine_description(predictor.device),
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def print_benchmark(result: BenchmarkResult, console: Console) -> None:
+    spec = result.spec
+    console.print(
+        f"phantom {spec.slices} x {spec.size} x {spec.size} at {spec.spacing_mm} mm "
+        f"({result.chunks} chunks); model width {result.model['encoder_width']}, "
+        f"input {result.model['input_size']}; Grad-CAM top {spec.gradcam_top_k}"
+    )
+    machine = result.machine
+    console.print(
+        f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), device {machine['device']}; {result.date}"
+    )
+    table = Table(title="predict, seconds per stage")
+    table.add_column("run")
+    for stage in STAGES:
+        table.add_column(stage, justify="right")
+    for index, run in enumerate(result.runs):
+        table.add_row("cold" if index == 0 else f"warm {index}", *(f"{run[s]:.2f}" for s in STAGES))
+    console.print(table)
+    console.print(
+        f"peak RSS {result.peak_rss_mb:.0f} MB; model load {result.model_load_s:.2f} s; "
+        f"phantom written in {result.phantom_write_s:.1f} s (separate process, not counted)"
+    )

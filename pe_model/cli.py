@@ -1,0 +1,180 @@
+"""``python -m pe_model`` / ``pe-model``: the model's prediction for one series, and a benchmark.
+
+``predict DIR [--checkpoint X] [--device cpu] [--json]`` prints a readable summary or, with
+``--json``, ``Prediction.to_json_dict()``. A series or checkpoint that cannot be used exits with
+code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from pe_model.checkpoint import BUILTIN_DEMO
+from pe_model.errors import PEModelError
+from pe_model.labels import EXAM_LABELS, SERIES_PE_KEY
+from pe_model.prediction import Prediction
+
+EXIT_OK = 0
+EXIT_UNUSABLE_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pe-model",
+        description="Two-stage PE model for CT pulmonary angiograms (decision support; unverified AI output).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="predict one series (a folder of DICOM files)")
+    predict.add_argument("series", type=Path, help="folder holding the DICOM images of one series")
+    predict.add_argument("--checkpoint", default=BUILTIN_DEMO, help="checkpoint file or builtin:demo")
+    predict.add_argument("--expected-sha256", default=None, help="refuse a checkpoint with another hash")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    predict.add_argument("--gradcam-top-k", type=int, default=3, help="chunks explained by Grad-CAM")
+    predict.add_argument("--json", action="store_true", help="print one JSON object")
+    predict.add_argument("--verbose", action="store_true", help="log progress on stderr")
+
+    bench = commands.add_parser("benchmark", help="time predict on a synthetic phantom")
+    bench.add_argument("--slices", type=int, default=400)
+    bench.add_argument("--size", type=int, default=512, help="rows and columns")
+    bench.add_argument("--spacing", type=float, default=0.7, help="pixel and slice spacing, mm")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None, help="checkpoint to time (default: random init)")
+    source.add_argument("--width", type=int, default=64, help="encoder width of a random-init model")
+    bench.add_argument("--input-size", type=int, default=192, help="input size of a random-init model")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--repeats", type=int, default=2, help="predict runs (the first is cold)")
+    bench.add_argument("--gradcam-top-k", type=int, default=3)
+    bench.add_argument("--json", action="store_true")
+    return parser
+
+
+@contextlib.contextmanager
+def _cli_logging(verbose: bool, stream: TextIO) -> Iterator[None]:
+    """Route structlog to stderr (warnings only unless verbose) so stdout stays the result."""
+    previous = structlog.get_config()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if verbose else logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield
+    finally:
+        structlog.configure(**previous)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _print_summary(prediction: Prediction, console: Console) -> None:
+    model = prediction.model
+    decision = "PE PRESENT" if prediction.pe_present else "no PE"
+    console.print(f"[bold]{decision}[/bold]  series {prediction.series_instance_uid}")
+    console.print(f"study {prediction.study_instance_uid}")
+    console.print(
+        f"model {model.name} {model.version} (sha256 {model.sha256[:12]}); unverified AI output"
+        + ("; NOT FOR CLINICAL USE" if model.not_for_clinical_use else "")
+    )
+    labels = Table(title="Exam labels (consistent)")
+    labels.add_column("label")
+    labels.add_column("probability", justify="right")
+    labels.add_column("final", justify="center")
+    labels.add_row(
+        "series PE (max chunk)",
+        f"{prediction.probabilities[SERIES_PE_KEY]:.3f}",
+        "yes" if prediction.pe_present else "no",
+    )
+    for label in EXAM_LABELS:
+        labels.add_row(
+            label, f"{prediction.probabilities[label]:.3f}", "yes" if prediction.labels[label] else "no"
+        )
+    console.print(labels)
+    keys = Table(title="Key images (best first)")
+    keys.add_column("SOP Instance UID")
+    keys.add_column("frame", justify="right")
+    keys.add_column("chunk", justify="right")
+    keys.add_column("PE probability", justify="right")
+    for key in prediction.key_images:
+        keys.add_row(
+            key.sop_instance_uid,
+            "" if key.frame_number is None else str(key.frame_number),
+            str(key.chunk_index),
+            f"{key.pe_probability:.3f}",
+        )
+    console.print(keys)
+    console.print(
+        "timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in prediction.timings_s.items())
+    )
+
+
+def _predict(args: argparse.Namespace, stdout: TextIO) -> int:
+    from pe_model.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint,
+        device=args.device,
+        expected_sha256=args.expected_sha256,
+        gradcam_top_k=args.gradcam_top_k,
+    )
+    prediction = predictor.predict(args.series)
+    if args.json:
+        stdout.write(json.dumps(prediction.to_json_dict(), indent=2) + "\n")
+    else:
+        _print_summary(prediction, Console(file=stdout, width=120))
+    return EXIT_OK
+
+
+def _benchmark(args: argparse.Namespace, stdout: TextIO) -> int:
+    from pe_model.benchmark import BenchmarkSpec, print_benchmark, run_benchmark
+
+    spec = BenchmarkSpec(
+        slices=args.slices,
+        size=args.size,
+        spacing_mm=args.spacing,
+        checkpoint=args.checkpoint,
+        width=args.width,
+        input_size=args.input_size,
+        device=args.device,
+        repeats=args.repeats,
+        gradcam_top_k=args.gradcam_top_k,
+    )
+    result = run_benchmark(spec)
+    if args.json:
+        stdout.write(json.dumps(result.to_json_dict(), indent=2) + "\n")
+    else:
+        print_benchmark(result, Console(file=stdout, width=120))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0, or 2 for an unusable series or checkpoint)."""
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    stdout, stderr = sys.stdout, sys.stderr
+    with _cli_logging(bool(getattr(args, "verbose", False)), stderr):
+        try:
+            if args.command == "predict":
+                return _predict(args, stdout)
+            return _benchmark(args, stdout)
+        except PEModelError as error:
+            stderr.write(f"pe-model: error: {_one_line(error)}\n")
+            return EXIT_UNUSABLE_INPUT
+
