@@ -1122,7 +1122,11 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, transfer_syntax_uid: str) -> No
         return
     if transfer_syntax_uid in _PYDICOM_ENCODED:
         # pydicom's encoders (pylibjpeg-rle / openjpeg, pyjpegls) do the work.
-        ds.compress(transfer_syntax_uid, np.ascontiguousarray(pixels), generate_instance_uid=False)
+        try:
+            ds.compress(transfer_syntax_uid, np.ascontiguousarray(pixels), generate_instance_uid=False)
+        except (RuntimeError, ValueError) as exc:
+            # e.g. JPEG-LS needs the pyjpegls package; say so instead of a library traceback.
+            raise PhantomError(f"cannot encode {UID(transfer_syntax_uid).name} here: {exc}".splitlines()[0]) from exc
         return
     if transfer_syntax_uid in _GDCM_ENCODED:
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
