@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -526,3 +527,62 @@ def test_tls_client_certificate_required_needs_a_ca(settings_factory: Callable[.
     with pytest.raises(ReceiverError, match="ca_certificate"):
         receiver.start()
     engine.dispose()
+
+
+@pytest.mark.dcmtk
+def test_dcmtk_storescu_over_tls(start_receiver: Callable[..., Peer], certificates: dict[str, Path], tmp_path: Path) -> None:
+    if shutil.which("storescu") is None:
+        pytest.skip("dcmtk storescu is not installed")
+    peer = start_receiver(node=_tls_settings(certificates))
+    study, series = generate_uid(), generate_uid()
+    file = tmp_path / "0.dcm"
+    ct_slice(study, series, 0).save_as(file, enforce_file_format=True)
+    base = ["storescu", "-aet", "DCMTK", "-aec", "PE_AGENT", "+cf", str(certificates["ca.pem"])]
+    with_cert = subprocess.run(
+        [*base, "+tls", str(certificates["client.key"]), str(certificates["client.pem"]), "127.0.0.1", str(peer.port), str(file)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert with_cert.returncode == 0, with_cert.stderr
+    anonymous = subprocess.run(
+        [*base, "+tla", "127.0.0.1", str(peer.port), str(file)], capture_output=True, text=True, timeout=60,
+    )
+    assert anonymous.returncode != 0
+    peer.wait_closed()
+    with peer.session() as session:
+        assert session.scalars(select(Series.instance_count)).one() == 1
+
+
+def test_aborted_association_is_recorded_and_stored_instances_kept(start_receiver: Callable[..., Peer]) -> None:
+    peer = start_receiver()
+    study, series = generate_uid(), generate_uid()
+    assoc = scu().associate("127.0.0.1", peer.port, ae_title="PE_AGENT")
+    assert assoc.send_c_store(ct_slice(study, series, 0)).Status == 0
+    assoc.abort()
+    [closed] = peer.wait_closed()
+    assert closed.close_reason == "aborted"
+    with peer.session() as session:
+        assert session.scalars(select(Series.instance_count)).one() == 1
+
+
+def test_concurrent_senders_of_one_series(start_receiver: Callable[..., Peer]) -> None:
+    peer = start_receiver()
+    study, series = generate_uid(), generate_uid()
+    datasets = [ct_slice(study, series, i) for i in range(24)]
+    results: list[list[int]] = []
+
+    def sender(part: list[Dataset]) -> None:
+        results.append(send(peer, part, ae=scu(f"SENDER{len(part)}")))
+
+    threads = [threading.Thread(target=sender, args=(datasets[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(s for r in results for s in r) == [0] * 24
+    closed = peer.wait_closed(4)
+    assert len(closed) == 4
+    with peer.session() as session:
+        assert session.scalars(select(Series.instance_count)).one() == 24
+        instances = session.scalars(select(Instance)).all()
+        assert len({i.association_id for i in instances}) == 4
+    assert len(list(peer.receiver.spool.series_dir(study, series).iterdir())) == 24
