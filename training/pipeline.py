@@ -67,6 +67,36 @@ class Preset:
             "feature_batch_size": self.feature_batch_size,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preset:
+        return cls(
+            name=str(data["name"]),
+            cache_preprocess=PreprocessConfig.from_dict(dict(data["cache_preprocess"])),
+            stage1=Stage1Config.from_dict(data["stage1"]),
+            stage2=Stage2Config.from_dict(data["stage2"]),
+            cache_workers=int(data.get("cache_workers", 1)),
+            feature_batch_size=int(data.get("feature_batch_size", 32)),
+        )
+
+    def with_overrides(self, *, cache_workers: int | None = None, init_weights: str | None = None,
+                       sequence_kind: str | None = None, stage1_epochs: int | None = None,
+                       stage2_epochs: int | None = None, num_workers: int | None = None) -> Preset:
+        """This preset with the command-line overrides that were given (None: keep)."""
+        stage1 = self.stage1
+        if init_weights is not None:
+            stage1 = replace(stage1, init_weights=init_weights)
+        if stage1_epochs is not None:
+            stage1 = replace(stage1, epochs=stage1_epochs)
+        if num_workers is not None:
+            stage1 = replace(stage1, num_workers=num_workers)
+        stage2 = self.stage2
+        if sequence_kind is not None:
+            stage2 = replace(stage2, kind=sequence_kind)
+        if stage2_epochs is not None:
+            stage2 = replace(stage2, epochs=stage2_epochs)
+        return replace(self, stage1=stage1, stage2=stage2,
+                       cache_workers=self.cache_workers if cache_workers is None else cache_workers)
+
 
 def preset(name: str) -> Preset:
     """The named preset: "seed", "smoke" or "demo"."""
