@@ -1,0 +1,223 @@
+"""`pe-agent serve` and `pe-agent worker`: the node's processes.
+
+serve: migrate the database, start the DICOM receiver (this process), the scheduler (tracker sweep,
+dispatch, lease recovery, retention), ``workers.count`` worker processes ("spawn": inference cannot
+stall or crash the listener) and the optional HTTP server. A worker that dies is restarted (up to
+MAX_RESTARTS per slot); a worker that cannot load the model stops the node with exit code 1, since
+nothing could be analysed. SIGINT/SIGTERM: stop receiving, stop the scheduler, SIGTERM the workers and
+wait for them, exit 0.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
+from collections.abc import Callable
+from types import FrameType
+
+from pacs_agent.db.migrate import upgrade_database
+from pacs_agent.db.session import make_engine, make_session_factory
+from pacs_agent.errors import AgentError
+from pacs_agent.logging import configure_logging, get_logger
+from pacs_agent.queue import default_owner
+from pacs_agent.settings import Settings
+from pacs_agent.worker import DEFAULT_GRACE_SECONDS, EXIT_MODEL_ERROR, EXIT_OK, EXIT_STARTUP_ERROR, worker_process_main
+
+log = get_logger(__name__)
+
+MAX_RESTARTS = 5
+EXIT_FAILURE = 1
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: SpawnProcess | None = None
+    restarts: int = 0
+    gave_up: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class WorkerPool:
+    """``count`` worker processes, restarted when they die, stopped with SIGTERM."""
+
+    def __init__(self, settings: Settings, count: int, *, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
+        self._settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._slots = [_Slot(index=i) for i in range(count)]
+        self._grace = grace_seconds
+        self._prefix = default_owner()
+        self.fatal: str = ""
+
+    @property
+    def expected(self) -> int:
+        return len(self._slots)
+
+    def all_given_up(self) -> bool:
+        return all(s.gave_up for s in self._slots)
+
+    def alive(self) -> int:
+        return sum(1 for s in self._slots if s.process is not None and s.process.is_alive())
+
+    def _spawn(self, slot: _Slot) -> None:
+        worker_id = f"{self._prefix}/w{slot.index}"
+        process = self._context.Process(
+            target=worker_process_main, args=(self._settings, worker_id, self._grace), name=f"pe-agent-worker-{slot.index}",
+        )
+        process.start()
+        slot.process = process
+        slot.started_at = time.monotonic()
+        log.info("worker_process_started", worker_id=worker_id, pid=process.pid)
+
+    def start(self) -> None:
+        for slot in self._slots:
+            self._spawn(slot)
+
+    def check(self) -> None:
+        """Restart dead workers; a model or start-up failure becomes ``fatal`` (restarting cannot help)."""
+        for slot in self._slots:
+            process = slot.process
+            if process is None or process.is_alive() or slot.gave_up:
+                continue
+            code = process.exitcode
+            if code in (EXIT_MODEL_ERROR, EXIT_STARTUP_ERROR):
+                what = "load the model" if code == EXIT_MODEL_ERROR else "start (database schema)"
+                self.fatal = f"worker {slot.index} could not {what}; see its log line above"
+                log.error("worker_cannot_start", slot=slot.index, exit_code=code)
+                slot.gave_up = True
+                continue
+            if slot.restarts >= MAX_RESTARTS:
+                log.error("worker_given_up", slot=slot.index, exit_code=code, restarts=slot.restarts)
+                slot.gave_up = True
+                continue
+            slot.restarts += 1
+            log.warning("worker_died", slot=slot.index, exit_code=code, restart=slot.restarts)
+            self._spawn(slot)
+
+    def stop(self) -> None:
+        """SIGTERM every worker, wait for them to finish or release their job, then kill stragglers."""
+        for slot in self._slots:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.terminate()
+        deadline = time.monotonic() + self._grace + 15
+        for slot in self._slots:
+            if slot.process is None:
+                continue
+            slot.process.join(timeout=max(deadline - time.monotonic(), 0.1))
+            if slot.process.is_alive():
+                log.error("worker_killed", slot=slot.index, pid=slot.process.pid)
+                slot.process.kill()
+                slot.process.join(timeout=5)
+        log.info("workers_stopped", exit_codes=[s.process.exitcode if s.process else None for s in self._slots])
+
+
+def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM/SIGINT set ``stop`` (main thread only); returns a function restoring the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if not stop.is_set():
+            log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _migrate(settings: Settings) -> None:
+    revision = upgrade_database(settings.database.url)
+    log.info("database_upgraded", revision=revision, note="serve and worker always bring the schema to this build's revision")
+
+
+def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM (or ``stop_event``). Returns the exit code."""
+    from pacs_agent.receiver import Receiver
+    from pacs_agent.scheduler import build_scheduler
+    from pacs_agent.tracker import recover_open_associations
+
+    configure_logging(settings.log)
+    stop = stop_event or threading.Event()
+    restore_signals = _stop_on_signals(stop)
+    log.info("serve_starting", settings=settings.redacted())
+    _migrate(settings)
+    engine = make_engine(settings.database.url)
+    factory = make_session_factory(engine)
+    receiver = Receiver(settings, factory)
+    pool = WorkerPool(settings, settings.workers.count)
+    scheduler = build_scheduler(settings, factory, owner=f"{default_owner()}/dispatch")
+    http_server = None
+    code = EXIT_OK
+    try:
+        reopened = recover_open_associations(factory)
+        if reopened:
+            log.warning("associations_recovered", count=reopened)
+        receiver.start()
+        pool.start()
+        scheduler.start()
+        if settings.http.enabled:
+            from pacs_agent.http import HealthProbes, HTTPServer
+
+            http_server = HTTPServer(
+                settings.http.host, settings.http.port, factory,
+                HealthProbes(receiver_listening=lambda: receiver.is_running, workers_alive=lambda: (pool.alive(), pool.expected)),
+            )
+            http_server.start()
+        log.info("serve_ready", dicom_port=receiver.port, workers=settings.workers.count,
+                 http_port=http_server.port if http_server else None)
+        while not stop.wait(0.5):
+            pool.check()
+            if pool.fatal:
+                log.error("serve_stopping_on_worker_failure", reason=pool.fatal)
+                code = EXIT_FAILURE
+                break
+    except AgentError as exc:
+        log.error("serve_failed", error=str(exc))
+        code = EXIT_FAILURE
+    finally:
+        receiver.stop()
+        if scheduler.running:
+            scheduler.shutdown(wait=True)
+        pool.stop()
+        if http_server is not None:
+            http_server.stop()
+        engine.dispose()
+        restore_signals()
+        log.info("serve_stopped", exit_code=code)
+    return code
+
+
+def run_workers(settings: Settings, *, count: int | None = None, stop_event: threading.Event | None = None) -> int:
+    """`pe-agent worker`: only worker processes (scale-out), same restart and stop rules as serve."""
+    configure_logging(settings.log)
+    stop = stop_event or threading.Event()
+    restore_signals = _stop_on_signals(stop)
+    n = count if count is not None else max(settings.workers.count, 1)
+    log.info("workers_starting", count=n, settings=settings.redacted())
+    _migrate(settings)
+    pool = WorkerPool(settings, n)
+    code = EXIT_OK
+    pool.start()
+    try:
+        while not stop.wait(0.5):
+            pool.check()
+            if pool.fatal:
+                log.error("workers_stopping_on_failure", reason=pool.fatal)
+                code = EXIT_FAILURE
+                break
+            if pool.all_given_up():
+                code = EXIT_FAILURE
+                break
+    finally:
+        pool.stop()
+        restore_signals()
+    return code
