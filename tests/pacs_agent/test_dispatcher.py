@@ -24,6 +24,7 @@ from tests.pacs_agent.conftest import MigratedDB
 from tests.support.ct_series import CTSeriesSpec, make_ct_series
 from tests.support.pacs_scp import PacsSCP, free_port
 from tests.support.predictions import make_prediction
+from tests.support.tls import make_test_pki, openssl_available
 
 OWNER = "test-dispatcher"
 
@@ -313,3 +314,32 @@ def test_two_dispatchers_never_send_the_same_delivery_twice(
     assert sum(counts.values()) == 9
     assert len(pacs.requests) == 9 and len(set(pacs.received_uids)) == 9
     assert all(d.status == DeliveryStatus.DELIVERED and d.attempts == 1 for d in _deliveries(factory))
+
+
+@pytest.mark.skipif(not openssl_available(), reason="openssl is not installed")
+def test_tls_destination_gets_objects_over_verified_tls(
+    migrated_db: MigratedDB, settings_factory: Callable[..., Settings], tmp_path: Path
+) -> None:
+    factory = migrated_db.session_factory
+    pki = make_test_pki(tmp_path / "pki")
+    with PacsSCP(ae_title="PACS0", ssl_context=pki.server_context()) as pacs:
+        destinations = [{"name": "pacs0", "ae_title": "PACS0", "host": "127.0.0.1", "port": pacs.port, "tls": True}]
+        trusted = settings_factory(
+            destinations=destinations,
+            node={"port": 0, "min_free_disk_mb": 1, "tls": {
+                "certificate": str(pki.client_certificate), "private_key": str(pki.client_key),
+                "ca_certificate": str(pki.ca_certificate),
+            }},
+        )
+        untrusted = settings_factory(destinations=destinations)  # no CA: the PACS certificate cannot be verified
+        _job_with_outputs(factory, trusted, key_slices=1)
+        now = utcnow()
+        assert dispatch_due(factory, untrusted, owner=OWNER, now=now) == 2
+        assert pacs.received == []
+        assert all(d.status == DeliveryStatus.PENDING and d.last_dicom_status is None for d in _deliveries(factory))
+        assert dispatch_due(factory, trusted, owner=OWNER, now=now + timedelta(minutes=1)) == 2
+        pacs.wait_for(2, timeout=5)
+        destination = trusted.destinations[0]
+        assert echo(destination, calling_ae_title="PE_AGENT", timeout=5, tls=trusted.node.tls).ok
+        assert not echo(destination, calling_ae_title="PE_AGENT", timeout=5).ok  # TLS destination, no TLS settings
+    assert all(d.status == DeliveryStatus.DELIVERED for d in _deliveries(factory))

@@ -14,6 +14,7 @@ with a given status (a refusal such as 0xA700, or a warning such as 0xB000).
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ class PacsSCP:
         store_dir: Path | None = None,
         status: int = SUCCESS,
         sop_classes: Sequence[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = "127.0.0.1"
@@ -67,6 +69,8 @@ class PacsSCP:
         #: Status answered to every C-STORE; change it at any time.
         self.status = status
         self._sop_classes = list(sop_classes) if sop_classes is not None else None
+        #: Server-side TLS (see tests.support.tls.LoopbackPKI.server_context); None: plain TCP.
+        self.ssl_context = ssl_context
         self._lock = threading.Condition()
         self._server: ThreadedAssociationServer | None = None
         #: Datasets stored with a success or warning status, in arrival order.
@@ -95,7 +99,9 @@ class PacsSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
         ]
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
         return self
 
     def stop(self) -> None:
