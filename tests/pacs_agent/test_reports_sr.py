@@ -231,3 +231,12 @@ def test_enhanced_ct_key_frames_are_referenced_by_frame_number(tmp_path: Path) -
     if dciodvfy_available():
         result = run_dciodvfy(_write_sr(tmp_path, prediction, [enhanced]).path)
         assert result.errors == [], result.output
+
+
+def test_indeterminate_exam_is_reported_as_indeterminate(tmp_path: Path, series: list[Dataset]) -> None:
+    negative = make_prediction(series, pe_present=False)
+    probabilities = {**negative.probabilities, "negative_exam_for_pe": 0.3, "indeterminate": 0.7}
+    labels = {**negative.labels, "negative_exam_for_pe": False, "indeterminate": True}
+    prediction = Prediction(**{**negative.__dict__, "probabilities": probabilities, "labels": labels})
+    main = _groups(highdicom.sr.srread(_write_sr(tmp_path, prediction, series).path))[0]
+    assert {(e.name.value, e.value.value) for e in main.get_qualitative_evaluations()} == {("59282003", "82334004")}
