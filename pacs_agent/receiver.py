@@ -64,6 +64,30 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
+#: Acceptance order when a sender proposes several transfer syntaxes in one context: uncompressed first,
+#: then lossless compression, then the rest. So a sender is never asked to compress lossily by our choice;
+#: a sender that proposes only its native (compressed) syntax gets it, and the instance is stored as received.
+_PREFERRED_FIRST = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K RPCL Lossless
+    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.8.1",  # Deflated Image Frame Compression
+)
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
+    [ts for ts in _PREFERRED_FIRST if ts in ALL_TRANSFER_SYNTAXES]
+    + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _PREFERRED_FIRST]
+)
+
 #: Header elements read on the hot path (everything else is read later by the tracker and worker).
 _HEADER_KEYWORDS = (
     "SOPClassUID",
@@ -255,13 +279,9 @@ class _Writer(threading.Thread):
             try:
                 apply_records(self._factory, self._spool, work)
                 break
-            except IntegrityError:
-                # A row another process wrote meanwhile; take the records one at a time.
-                for record in work:
-                    try:
-                        apply_records(self._factory, self._spool, [record])
-                    except IntegrityError as exc:
-                        log.error("receiver_record_dropped", record=type(record).__name__, error=str(exc.orig))
+            except (IntegrityError, StorageError, ValueError):
+                # A row another process wrote meanwhile, or one bad record: take them one at a time.
+                self._commit_one_by_one(work)
                 break
             except SQLAlchemyError as exc:
                 if self._stopping.is_set() and delay >= _RETRY_MAX_SECONDS:
@@ -270,8 +290,31 @@ class _Writer(threading.Thread):
                 log.warning("receiver_database_unavailable", retry_in_s=delay, error=str(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_SECONDS)
+            except Exception:  # noqa: BLE001 - the writer thread must outlive any single batch
+                log.exception("receiver_batch_failed", count=len(work))
+                self._commit_one_by_one(work)
+                break
         for flush in flushes:
             flush.done.set()
+
+    def _commit_one_by_one(self, records: Sequence[_Record]) -> None:
+        """Commit each record alone; one that still fails is logged and dropped (the file stays in the spool)."""
+        for record in records:
+            for attempt in range(1, 6):
+                try:
+                    apply_records(self._factory, self._spool, [record])
+                    break
+                except IntegrityError as exc:
+                    log.error("receiver_record_dropped", record=type(record).__name__, error=str(exc.orig))
+                    break
+                except SQLAlchemyError as exc:
+                    if attempt == 5:
+                        log.error("receiver_record_dropped", record=type(record).__name__, error=str(exc))
+                    else:
+                        time.sleep(0.1 * 2**attempt)
+                except Exception as exc:  # noqa: BLE001 - reconciliation at the next start picks up stored files
+                    log.error("receiver_record_dropped", record=type(record).__name__, error=str(exc))
+                    break
 
 
 def apply_records(session_factory: sessionmaker[Session], spool: Spool, records: Sequence[_Record]) -> None:
@@ -408,7 +451,7 @@ class Receiver:
             self._ae.require_calling_aet = list(node.allowed_calling_ae_titles)
         self._ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            self._ae.add_supported_context(cast(str, context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            self._ae.add_supported_context(cast(str, context.abstract_syntax), list(ACCEPTED_TRANSFER_SYNTAXES))
         self._server: ThreadedAssociationServer | None = None
         self._writer: _Writer | None = None
         self._lock = threading.Lock()

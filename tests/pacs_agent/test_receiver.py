@@ -20,12 +20,13 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE, _config
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -245,6 +246,30 @@ def test_compressed_transfer_syntax_is_stored_as_received(start_receiver: Callab
     assert np.array_equal(stored.pixel_array, original)
     with peer.session() as session:
         assert session.scalars(select(Instance.transfer_syntax_uid)).one() == syntax
+
+
+@pytest.mark.parametrize("offered", [[JPEGBaseline8Bit, ExplicitVRLittleEndian], [RLELossless, ImplicitVRLittleEndian, ExplicitVRLittleEndian]])
+def test_uncompressed_is_preferred_when_offered_with_others(start_receiver: Callable[..., Peer], offered: list[str]) -> None:
+    """A sender is never asked to compress (lossily or not) by our choice of transfer syntax."""
+    peer = start_receiver()
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, offered)
+    assoc = ae.associate("127.0.0.1", peer.port, ae_title="PE_AGENT")
+    assert assoc.is_established
+    [context] = assoc.accepted_contexts
+    assert context.transfer_syntax == [ExplicitVRLittleEndian]
+    assoc.release()
+
+
+def test_every_pydicom_transfer_syntax_is_accepted(start_receiver: Callable[..., Peer]) -> None:
+    peer = start_receiver()
+    for syntax in ALL_TRANSFER_SYNTAXES:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(CTImageStorage, [syntax])
+        assoc = ae.associate("127.0.0.1", peer.port, ae_title="PE_AGENT")
+        assert assoc.is_established
+        assert [cx.transfer_syntax for cx in assoc.accepted_contexts] == [[syntax]], syntax
+        assoc.release()
 
 
 def test_duplicate_sop_instance_is_stored_once(start_receiver: Callable[..., Peer]) -> None:
