@@ -318,3 +318,19 @@ def test_node_end_to_end(tmp_path: Path, node: Node, pacs: PacsSCP, capsys: pyte
     job_events = [line for line in lines if line.get("event") == "job_succeeded"]
     assert {line["job_id"] for line in job_events} == {job.id, new_job_id}
     assert all(line["series_instance_uid"] == ctpa.series_instance_uid for line in job_events)
+
+
+def test_serve_with_an_unloadable_model_stops_with_a_clear_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"this is not a checkpoint")
+    config, _, _ = write_config(tmp_path, broken, find_free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PE_AGENT")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "pacs_agent.cli", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False,
+    )
+    assert completed.returncode == 1
+    events = [json.loads(line) for line in completed.stderr.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e["event"] == "model_load_failed"]
+    assert len(failed) == 1 and str(broken) == failed[0]["checkpoint"] and failed[0]["error"]
+    assert any(e["event"] == "serve_stopping_on_worker_failure" for e in events)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -19,7 +20,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Flag, Instance, Job, JobStatus, Output, OutputKind, Result, Series, SeriesState, Study
+from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Flag, Instance, Job, JobStatus, Output, OutputKind, Result, Series, SeriesState, Study, Worker
 from pacs_agent.db.session import transaction
 from pacs_agent.logging import PATIENT_VALUES, configure_logging
 from pacs_agent.queue import cancel_job, enqueue_job, reprocess_series
@@ -225,3 +226,83 @@ def test_unloadable_model_exits_with_model_error(settings_factory: Callable[...,
     bad.write_bytes(b"not a checkpoint")
     settings = settings_factory(model={"checkpoint": str(bad)})
     assert run_worker(settings, worker_id="w", max_jobs=1) == EXIT_MODEL_ERROR
+
+
+def test_retention_deletes_what_is_no_longer_needed(migrated_db: MigratedDB, tmp_path: Path, tiny_predictor: Any) -> None:
+    from datetime import timedelta
+
+    from pacs_agent.db.models import utcnow
+    from pacs_agent.scheduler import run_retention
+
+    kept = ingest(migrated_db, tmp_path / "a", seed=1)
+    run_worker(migrated_db.settings, worker_id="w", max_jobs=1, predictor=tiny_predictor)
+    purged = ingest(migrated_db, tmp_path / "b", seed=2)
+    run_worker(migrated_db.settings, worker_id="w", max_jobs=1, predictor=tiny_predictor)
+    (kept_job,) = jobs_of(migrated_db, kept.id)
+    (purged_job,) = jobs_of(migrated_db, purged.id)
+    with transaction(migrated_db.session_factory) as session:
+        for delivery in session.scalars(select(Delivery).join(Output)):
+            job_id = session.get(Output, delivery.output_id).job_id  # type: ignore[union-attr]
+            delivery.status = DeliveryStatus.DELIVERED if job_id == purged_job.id else DeliveryStatus.FAILED
+    root = Path(migrated_db.settings.storage.root)
+    assert (root / "outbox" / str(kept_job.id)).is_dir() and (root / "outbox" / str(purged_job.id)).is_dir()
+
+    report = run_retention(migrated_db.session_factory, migrated_db.settings, now=utcnow() + timedelta(days=1))
+    assert report.series_purged == 0 and report.outbox_jobs_purged == 0 and report.events_deleted == 0  # too young
+
+    later = utcnow() + timedelta(days=365)
+    report = run_retention(migrated_db.session_factory, migrated_db.settings, now=later)
+    assert report.series_purged == 2 and report.instance_files_deleted == 2 * 48
+    assert not (root / "incoming" / purged.study_instance_uid).exists()
+    assert report.outbox_jobs_purged == 1  # the job with a FAILED delivery keeps its files for `pe-agent retry`
+    assert (root / "outbox" / str(kept_job.id)).is_dir() and not (root / "outbox" / str(purged_job.id)).exists()
+    assert report.events_deleted > 0
+    with migrated_db.session_factory() as session:
+        assert session.scalars(select(Event).where(Event.at < later - timedelta(days=90))).first() is None
+
+
+@pytest.mark.slow
+def test_pool_restarts_a_worker_that_dies(settings_factory: Callable[..., Settings], migrated_db: MigratedDB, tiny_checkpoint: Path) -> None:
+    import signal as signals
+
+    from pacs_agent.service import WorkerPool
+
+    settings = settings_factory(model={"checkpoint": str(tiny_checkpoint)})
+    pool = WorkerPool(settings, 1, grace_seconds=2)
+    pool.start()
+    try:
+        _wait(lambda: pool.alive() == 1)
+        first_pid = pool._slots[0].process.pid  # type: ignore[union-attr]
+        assert first_pid is not None
+        os.kill(first_pid, signals.SIGKILL)
+        _wait(lambda: pool._slots[0].process.exitcode is not None)  # type: ignore[union-attr]
+        pool.check()
+        _wait(lambda: pool.alive() == 1)
+        assert pool._slots[0].process.pid != first_pid and pool._slots[0].restarts == 1  # type: ignore[union-attr]
+        assert not pool.fatal
+    finally:
+        pool.stop()
+    assert pool.alive() == 0
+
+
+@pytest.mark.slow
+def test_worker_command_processes_jobs_in_spawned_processes(
+    settings_factory: Callable[..., Settings], migrated_db: MigratedDB, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from pacs_agent.service import run_workers
+
+    settings = settings_factory(model={"checkpoint": str(tiny_checkpoint), "torch_threads": 1})
+    series = ingest(migrated_db, tmp_path / "src")
+    stop = threading.Event()
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(run_workers(settings, count=1, stop_event=stop)))
+    thread.start()
+    try:
+        _wait(lambda: jobs_of(migrated_db, series.id)[0].status == JobStatus.SUCCEEDED, timeout=120)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert codes == [EXIT_OK]
+    with migrated_db.session_factory() as session:
+        workers = session.scalars(select(Worker)).all()
+        assert len(workers) == 1 and workers[0].stopped_at is not None and workers[0].pid != os.getpid()
