@@ -308,7 +308,7 @@ class OrthancPACS:
 # ---------------------------------------------------------------- processes
 
 
-def _group_alive(pgid: int) -> bool:
+def process_group_alive(pgid: int) -> bool:
     """True while a live (non-zombie) process is in the process group."""
     proc = Path("/proc")
     if not proc.is_dir():
@@ -341,7 +341,7 @@ def stop_process_group(process: subprocess.Popen[bytes], *, grace_s: float) -> N
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         process.poll()
-        if not _group_alive(pgid):
+        if not process_group_alive(pgid):
             break
         time.sleep(0.1)
     else:

@@ -1,0 +1,144 @@
+"""`pe-agent demo` as a newcomer runs it: a subprocess, with the fallback storage SCP and with Orthanc.
+
+The tiny random checkpoint and small phantoms keep it quick; flags of an untrained model cannot be
+predicted, so the tests assert the loop (three rows, head CT ignored with its reason, objects at the
+PACS, PNG files read back from the PACS) and a clean stop on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from pacs_agent.demo import process_group_alive
+from tests.e2e.conftest import clean_environment
+from tests.support.orthanc import orthanc_binary
+
+pytestmark = pytest.mark.slow
+
+DESCRIPTIONS = ("CTPA demo - PE with RV strain", "CTPA demo - no PE", "CT HEAD without contrast")
+ANALYSED_FLAGS = {"CRITICAL", "HIGH", "REVIEW", "ROUTINE"}
+
+
+def _demo_command(workdir: Path, checkpoint: Path, pacs: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pacs_agent.cli", "demo", "--pacs", pacs, "--checkpoint", str(checkpoint), "--workdir", str(workdir),
+        "--rows", "64", "--slices", "48", "--quiet-seconds", "1", "--timeout", "150",
+    ]
+
+
+def _run_demo(workdir: Path, checkpoint: Path, pacs: str) -> tuple[str, dict[str, Any]]:
+    done = subprocess.run(_demo_command(workdir, checkpoint, pacs), capture_output=True, text=True, timeout=300,
+                          env=clean_environment(), check=False)
+    output = done.stdout + done.stderr
+    log = workdir / "logs" / "agent.log"
+    assert done.returncode == 0, output + "\n--- agent log ---\n" + (log.read_text()[-4000:] if log.exists() else "")
+    summary = json.loads((workdir / "output" / "summary.json").read_text())
+    return output, summary
+
+
+def _check_demo(output: str, summary: dict[str, Any], workdir: Path) -> None:
+    assert "NOT FOR CLINICAL USE" in output
+    rows = {s["series_description"]: s for s in summary["series"]}
+    assert tuple(rows) == DESCRIPTIONS
+
+    head = rows["CT HEAD without contrast"]
+    assert head["flag"] == "IGNORED"
+    assert "HEAD" in head["note"], "the ignored series shows the agent's reason"
+    assert head["objects_at_pacs"] == {}
+
+    for description in DESCRIPTIONS[:2]:
+        row = rows[description]
+        assert row["flag"] in ANALYSED_FLAGS, row
+        assert 0.0 <= row["pe_probability"] <= 1.0
+        assert row["objects_at_pacs"]["SR"] == 1 and row["objects_at_pacs"]["SC"] >= 1, row
+        assert row["seconds_last_image_to_pacs"] > 1.0, "the report cannot reach PACS before the quiet period ends"
+
+    table_lines = {d: [line for line in output.splitlines() if line.startswith("│ " + d)] for d in DESCRIPTIONS}
+    for description, lines in table_lines.items():
+        assert len(lines) == 1, f"one table row for {description!r}: {lines}"
+        assert f" {rows[description]['flag']} " in lines[0]
+
+    pngs = [Path(p) for p in summary["png"]]
+    assert len(pngs) == sum(rows[d]["objects_at_pacs"]["SC"] for d in DESCRIPTIONS[:2])
+    for path in pngs:
+        assert str(path) in output, "every PNG path is printed"
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.mode == "RGB" and min(image.size) >= 64
+    assert (workdir / "logs" / "agent.log").is_file()
+    assert not (workdir / "spool").exists() and not (workdir / "phantoms").exists(), "bulky folders are removed after success"
+
+
+def test_demo_with_the_fallback_storage_scp(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    output, summary = _run_demo(tmp_path / "demo", tiny_checkpoint, "scp")
+    assert summary["pacs"] == "pynetdicom storage SCP"
+    _check_demo(output, summary, tmp_path / "demo")
+
+
+@pytest.mark.orthanc
+def test_demo_with_orthanc(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc is not installed (Debian package orthanc)")
+    output, summary = _run_demo(tmp_path / "demo", tiny_checkpoint, "orthanc")
+    assert summary["pacs"] == "Orthanc"
+    _check_demo(output, summary, tmp_path / "demo")
+
+
+def _pids_with_argument(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(text.encode() in a for a in arguments):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find left-over processes")
+def test_ctrl_c_stops_the_agent_and_the_pacs(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    workdir = tmp_path / "demo"
+    pacs = "orthanc" if orthanc_binary() is not None else "scp"
+    process = subprocess.Popen(_demo_command(workdir, tiny_checkpoint, pacs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=clean_environment())
+    lines: list[str] = []
+    agent_up = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Agent:"):
+                agent_up.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert agent_up.wait(120), "".join(lines)
+        config = str(workdir / "agent.toml")
+        agent_pids = [pid for pid in _pids_with_argument(config) if pid != process.pid]
+        assert agent_pids, "the agent runs as its own process"
+        pacs_pids = _pids_with_argument(str(workdir / "pacs" / "orthanc.json")) if pacs == "orthanc" else []
+        assert pacs == "scp" or pacs_pids, "Orthanc runs as its own process"
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    reader.join(timeout=10)
+    assert "Interrupted" in "".join(lines)
+    for pid in agent_pids + pacs_pids:
+        assert not process_group_alive(pid), f"process group {pid} (agent or PACS and their children) is still running"
