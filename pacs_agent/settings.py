@@ -210,13 +210,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if not value.startswith("[") else json.loads(value)
+            # "A,B" or a JSON list, from an environment variable
+            value = json.loads(value) if value.startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(args[0], value, where)
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(members[0], value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
