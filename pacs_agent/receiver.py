@@ -50,7 +50,7 @@ from pacs_agent.db.models import Association, Instance, Series, SeriesState
 from pacs_agent.db.session import transaction
 from pacs_agent.errors import AgentError, InvalidUIDError, StorageError
 from pacs_agent.events import record_event
-from pacs_agent.logging import get_logger, protect_patient_values
+from pacs_agent.logging import PATIENT_VALUES, get_logger, protect_patient_values
 from pacs_agent.settings import Settings, TLSSettings
 from pacs_agent.storage import INSTANCE_SUFFIX, Spool, validate_uid
 
@@ -102,8 +102,8 @@ _HEADER_KEYWORDS = (
     "PatientID",
     "PatientBirthDate",
 )
-#: Series whose patient values were handed to the log mask recently (once per series, not per instance).
-_PROTECTED_SERIES_MAX = 1024
+#: Patients whose values were handed to the log mask recently (once per patient, not per instance).
+_PROTECTED_MAX = 1024
 _BATCH_MAX = 1000
 _RETRY_MAX_SECONDS = 5.0
 
@@ -457,7 +457,7 @@ class Receiver:
         self._lock = threading.Lock()
         self._associations: dict[int, _AssociationState] = {}
         self._in_flight: set[Path] = set()
-        self._protected_series: dict[str, None] = {}
+        self._protected: dict[str, None] = {}
         self._counters = {"stored": 0, "duplicates": 0, "ignored": 0, "rejected": 0, "associations": 0}
         self._sequence = itertools.count(1)
 
@@ -658,16 +658,19 @@ class Receiver:
                 setattr(state, key, getattr(state, key) + 1)
         return status
 
-    def _protect(self, series_uid: str, header: pydicom.Dataset) -> None:
+    def _protect(self, header: pydicom.Dataset) -> None:
+        """Hand the patient's name, ID and birth date to the log mask, once per patient seen recently."""
+        key = "\\".join(str(header.get(k, "")) for k in ("PatientName", "PatientID", "PatientBirthDate"))
         with self._lock:
-            if series_uid in self._protected_series:
+            if key in self._protected:
                 return
-            self._protected_series[series_uid] = None
-            while len(self._protected_series) > _PROTECTED_SERIES_MAX:
-                self._protected_series.pop(next(iter(self._protected_series)))
+            self._protected[key] = None
+            while len(self._protected) > _PROTECTED_MAX:
+                self._protected.pop(next(iter(self._protected)))
         protect_patient_values(header)
 
     def _refuse(self, status: int, reason: str, request: _StoreRequest) -> tuple[int, str]:
+        reason = PATIENT_VALUES.mask(reason)  # a UID field abused for a patient name must not leak
         log.warning(
             "instance_rejected", status=f"0x{status:04X}", reason=reason,
             series_instance_uid=request.series_instance_uid[:64],
@@ -708,6 +711,7 @@ class Receiver:
         except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be read ({type(exc).__name__}: {str(exc)[:120]})", common)
 
+        self._protect(header)  # before any value is converted: pydicom may log values it finds invalid
         uids: dict[str, str] = {}
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             value = header.get(keyword)
@@ -718,7 +722,6 @@ class Receiver:
             except InvalidUIDError as exc:
                 return self._refuse(STATUS_DATASET_DOES_NOT_MATCH, f"{keyword}: {exc}", common)
         common = dataclasses.replace(common, series_instance_uid=uids["SeriesInstanceUID"])
-        self._protect(uids["SeriesInstanceUID"], header)
         if uids["SOPInstanceUID"] != sop_uid.rstrip("\x00"):
             return self._refuse(
                 STATUS_DATASET_DOES_NOT_MATCH, "SOPInstanceUID of the dataset differs from the request", common

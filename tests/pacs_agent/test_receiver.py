@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import ssl
 import subprocess
@@ -35,7 +36,8 @@ from pacs_agent.db.migrate import upgrade_database
 from pacs_agent.db.models import Association, Event, Instance, Series, SeriesState
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.receiver import Receiver, ReceiverError
-from pacs_agent.settings import Settings
+from pacs_agent.logging import configure_logging
+from pacs_agent.settings import LogSettings, Settings
 
 PATIENT_NAME = "Doe^Jane^Receiver"
 
@@ -196,16 +198,34 @@ def test_series_lands_in_the_spool_with_rows_and_counts(start_receiver: Callable
     assert peer.receiver.counters()["stored"] == 6
 
 
-def test_patient_identifiers_are_not_in_events(start_receiver: Callable[..., Peer]) -> None:
-    peer = start_receiver()
+def test_patient_identifiers_are_not_in_events_or_logs(
+    start_receiver: Callable[..., Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     study, series = generate_uid(), generate_uid()
-    send(peer, [ct_slice(study, series, 0), ct_slice(study, series, 0, sop="1.2.3.4.5", SeriesInstanceUID="../x")])
-    peer.wait_closed()
-    with peer.session() as session:
-        text = repr([(e.kind, e.detail) for e in session.scalars(select(Event))])
-    assert "instance_rejected" in text
-    for value in (PATIENT_NAME, "Doe", "RCV-0001", "19700101"):
-        assert value not in text
+    files = []
+    for i, overrides in enumerate([{}, {"SeriesInstanceUID": "../x"}, {"SeriesInstanceUID": PATIENT_NAME}]):
+        files.append(tmp_path / f"{i}.dcm")  # the third abuses a UID field for the patient's name
+        ct_slice(study, series, i, **overrides).save_as(files[-1], enforce_file_format=True)
+    peer = start_receiver()
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the sender does not parse: logs are ours
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="json", level="DEBUG"), stream=stream)
+    try:
+        assoc = scu(transfer_syntaxes=[ExplicitVRLittleEndian]).associate("127.0.0.1", peer.port, ae_title="PE_AGENT")
+        assert [assoc.send_c_store(f).Status for f in files] == [0, 0xA900, 0xA900]
+        assoc.release()
+        peer.wait_closed()
+        with peer.session() as session:
+            events = repr([(e.kind, e.detail) for e in session.scalars(select(Event))])
+        peer.receiver.stop()
+    finally:
+        configure_logging(LogSettings(format="json", level="WARNING"), stream=io.StringIO())
+    logs = stream.getvalue()
+    assert events.count("instance_rejected") == 2
+    assert logs.count('"instance_rejected"') == 2 and "receiver_stopped" in logs
+    for text in (events, logs):
+        for value in (PATIENT_NAME, "Doe^Jane", "RCV-0001", "19700101"):
+            assert value not in text
 
 
 @pytest.mark.dcmtk
