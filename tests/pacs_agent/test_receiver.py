@@ -631,3 +631,22 @@ def test_concurrent_senders_of_one_series(start_receiver: Callable[..., Peer]) -
         instances = session.scalars(select(Instance)).all()
         assert len({i.association_id for i in instances}) == 4
     assert len(list(peer.receiver.spool.series_dir(study, series).iterdir())) == 24
+
+
+def test_enhanced_ct_phantom_is_stored(start_receiver: Callable[..., Peer], tmp_path: Path) -> None:
+    from pe_model.phantoms import PhantomSpec, write_phantom_series
+    from pynetdicom.sop_class import EnhancedCTImageStorage  # type: ignore[attr-defined]
+
+    truth = write_phantom_series(tmp_path / "p", PhantomSpec(n_slices=12, rows=32, columns=32), enhanced=True)
+    peer = start_receiver()
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(EnhancedCTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", peer.port, ae_title="PE_AGENT")
+    assert assoc.send_c_store(truth.files[0]).Status == 0
+    assoc.release()
+    peer.wait_closed()
+    stored = pydicom.dcmread(peer.receiver.spool.instance_path(
+        truth.study_instance_uid, truth.series_instance_uid, truth.sop_instance_uids[0]))
+    assert stored.SOPClassUID == EnhancedCTImageStorage and int(stored.NumberOfFrames) == 12
+    with peer.session() as session:
+        assert session.scalars(select(Instance.sop_class_uid)).one() == EnhancedCTImageStorage

@@ -70,7 +70,7 @@ def ingest(
 ) -> None:
     """Put phantom files in the spool and record them, as the receiver does."""
     records = []
-    for file in truth.files[files]:
+    for file in dict.fromkeys(truth.files[files]):  # an Enhanced CT file is listed once per frame
         ds = pydicom.dcmread(file, stop_before_pixels=True)
         target = world.spool.instance_path(truth.study_instance_uid, truth.series_instance_uid, ds.SOPInstanceUID)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -328,3 +328,15 @@ def test_open_association_holds_the_series_over_the_network(
         time.sleep(0.02)
     assert sweeper.queued_at, "no job after the association was released"
     assert next(iter(sweeper.queued_at.values())) - released <= 1.0
+
+
+def test_enhanced_ct_series_counts_frames_and_is_queued(world: World) -> None:
+    truth = write_phantom_series(world.phantoms / "enhanced", PhantomSpec(n_slices=16, rows=32, columns=32), enhanced=True)
+    assert len(set(truth.files)) == 1
+    t0 = utcnow()
+    ingest(world, truth, at=t0)
+    [job_id] = sweep_series(world.factory, world.settings, now=t0 + timedelta(seconds=QUIET))
+    with world.factory() as session:
+        queued = session.scalars(select(Event).where(Event.kind == "job_queued")).one()
+    assert queued.job_id == job_id
+    assert series_row(world, truth.series_instance_uid).instance_count == 1
