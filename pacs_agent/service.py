@@ -19,6 +19,9 @@ from multiprocessing.context import SpawnProcess
 from collections.abc import Callable
 from types import FrameType
 
+from alembic.util import CommandError
+from sqlalchemy.exc import SQLAlchemyError
+
 from pacs_agent.db.migrate import upgrade_database
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.errors import AgentError
@@ -134,9 +137,15 @@ def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
-def _migrate(settings: Settings) -> None:
-    revision = upgrade_database(settings.database.url)
+def _migrate(settings: Settings) -> bool:
+    """Bring the schema to this build's revision (serve and worker always do); False when impossible."""
+    try:
+        revision = upgrade_database(settings.database.url)
+    except (SQLAlchemyError, CommandError, OSError) as exc:
+        log.error("database_upgrade_failed", error=f"{type(exc).__name__}: {exc}")
+        return False
     log.info("database_upgraded", revision=revision, note="serve and worker always bring the schema to this build's revision")
+    return True
 
 
 def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
@@ -149,7 +158,9 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
     stop = stop_event or threading.Event()
     restore_signals = _stop_on_signals(stop)
     log.info("serve_starting", settings=settings.redacted())
-    _migrate(settings)
+    if not _migrate(settings):
+        restore_signals()
+        return EXIT_FAILURE
     engine = make_engine(settings.database.url)
     factory = make_session_factory(engine)
     receiver = Receiver(settings, factory)
@@ -180,8 +191,8 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
                 log.error("serve_stopping_on_worker_failure", reason=pool.fatal)
                 code = EXIT_FAILURE
                 break
-    except AgentError as exc:
-        log.error("serve_failed", error=str(exc))
+    except (AgentError, OSError, SQLAlchemyError) as exc:
+        log.error("serve_failed", error=f"{type(exc).__name__}: {exc}")
         code = EXIT_FAILURE
     finally:
         receiver.stop()
@@ -203,7 +214,9 @@ def run_workers(settings: Settings, *, count: int | None = None, stop_event: thr
     restore_signals = _stop_on_signals(stop)
     n = count if count is not None else max(settings.workers.count, 1)
     log.info("workers_starting", count=n, settings=settings.redacted())
-    _migrate(settings)
+    if not _migrate(settings):
+        restore_signals()
+        return EXIT_FAILURE
     pool = WorkerPool(settings, n)
     code = EXIT_OK
     pool.start()

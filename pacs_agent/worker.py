@@ -212,9 +212,11 @@ def _supervise(ctx: WorkerContext, run: _JobRun, stop: threading.Event, grace_se
     """Renew the lease while the job thread works; on stop, wait ``grace_seconds`` then release."""
     settings = ctx.settings.workers
     stop_seen_at: float | None = None
+    last_beat = time.monotonic()
     held = True
-    while not run.done.wait(timeout=min(settings.heartbeat_seconds, 0.5 if stop.is_set() else settings.heartbeat_seconds)):
-        if held:
+    while not run.done.wait(timeout=min(settings.heartbeat_seconds, 0.25)):
+        if held and time.monotonic() - last_beat >= settings.heartbeat_seconds:
+            last_beat = time.monotonic()
             try:
                 held = heartbeat(ctx.session_factory, run.claimed.job_id, owner=ctx.worker_id, lease_seconds=settings.lease_seconds)
             except Exception as exc:  # database hiccup: the lease is long enough for the next try

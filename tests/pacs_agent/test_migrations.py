@@ -61,3 +61,14 @@ def test_downgrade_to_base_removes_every_table(tmp_path: Path) -> None:
     command.downgrade(alembic_config(url, engine), "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_upgrade_matches_models_on_postgresql(postgres_url: str) -> None:
+    engine = make_engine(postgres_url)
+    assert upgrade_database(postgres_url, engine) == head_revision()
+    with engine.connect() as connection:
+        diffs = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata)
+    assert diffs == []
+    check_schema_at_head(engine)
+    engine.dispose()

@@ -230,3 +230,38 @@ def test_complete_marks_series_analysed_and_reprocess_supersedes(migrated_db: Mi
         assert queue_depth(session) == {"QUEUED": 1, "RUNNING": 0, "SUCCEEDED": 1, "FAILED": 0, "CANCELLED": 0}
         assert session.get(Series, series_id).state == SeriesState.QUEUED  # type: ignore[union-attr]
     assert job_row(migrated_db, new_id).status == JobStatus.QUEUED
+
+
+@pytest.mark.postgres
+def test_concurrent_claimers_on_postgresql_skip_locked(postgres_url: str) -> None:
+    from pacs_agent.db.migrate import upgrade_database
+    from pacs_agent.db.session import make_engine, make_session_factory
+
+    engine = make_engine(postgres_url)
+    upgrade_database(postgres_url, engine)
+    factory = make_session_factory(engine)
+    expected = []
+    with transaction(factory) as session:
+        for i in range(30):
+            series = Series(study_instance_uid="1.2", series_instance_uid=f"1.2.{i}")
+            session.add(series)
+            session.flush()
+            expected.append((-(i % 3), enqueue_job(session, series, priority=i % 3, reason="received", max_attempts=3).id))
+    claims: dict[str, list[int]] = {}
+
+    def claimer(name: str) -> None:
+        got = claims.setdefault(name, [])
+        while (claimed := claim_next_job(factory, owner=name, lease_seconds=30)) is not None:
+            got.append(claimed.job_id)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    all_claims = [j for got in claims.values() for j in got]
+    assert sorted(all_claims) == sorted(j for _, j in expected)
+    single = claims["w0"]
+    order = [j for _, j in sorted(expected)]
+    assert single == [j for j in order if j in set(single)]  # each claimer takes priority order, then arrival
+    engine.dispose()
