@@ -662,6 +662,20 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While stopping the agent and the PACS, a second Ctrl-C must not cut the clean-up short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _make_console() -> Console:
     console = Console()
     if not console.is_terminal:
@@ -788,7 +802,7 @@ def execute(options: DemoOptions, console: Console | None = None) -> int:
             try:
                 code = demo.run()
             finally:
-                with console.status("Stopping the agent and the PACS..."):
+                with _signals_ignored(), console.status("Stopping the agent and the PACS..."):
                     demo.stop()
     except KeyboardInterrupt:
         console.print(f"Interrupted: the agent and the PACS are stopped. Work folder: {demo.workdir}")
@@ -809,7 +823,7 @@ _command = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def _demo(
     workdir: Annotated[Path | None, typer.Option("--workdir", help="Work folder (default: a new temporary folder).")] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep spool, PACS storage and phantoms after a successful run.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", min=10, help="Seconds to wait for all series after sending.")] = 300.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=10, help="Seconds from the agent answering until every series is reported or ignored.")] = 300.0,
     pacs: Annotated[str, typer.Option("--pacs", help="auto (Orthanc when installed), orthanc or scp.")] = "auto",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="Model checkpoint path (default: builtin:demo).")] = BUILTIN_DEMO,
     rows: Annotated[int, typer.Option("--rows", min=32, max=512, help="Phantom rows and columns.")] = 128,
