@@ -46,6 +46,8 @@ class BenchmarkSpec:
     device: str = "cpu"
     repeats: int = 2
     gradcam_top_k: int = 3
+    precision: str = "auto"
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,11 @@ def run_benchmark(spec: BenchmarkSpec) -> BenchmarkResult:
             )
         mark = time.perf_counter()
         predictor = Predictor.from_checkpoint(
-            checkpoint, device=spec.device, gradcam_top_k=spec.gradcam_top_k
+            checkpoint,
+            device=spec.device,
+            gradcam_top_k=spec.gradcam_top_k,
+            precision=spec.precision,
+            batch_size=spec.batch_size,
         )
         model_load_s = time.perf_counter() - mark
         runs: list[dict[str, float]] = []
@@ -188,6 +194,8 @@ def run_benchmark(spec: BenchmarkSpec) -> BenchmarkResult:
             "sha256": info.sha256,
             "encoder_width": predictor.checkpoint.model_config.encoder_width,
             "input_size": predictor.preprocess_config.input_size,
+            "precision": predictor.precision,
+            "batch_size": predictor.batch_size,
             "sequence": predictor.checkpoint.model_config.sequence.to_dict(),
         },
         machine=machine_description(predictor.device),
@@ -200,7 +208,8 @@ def print_benchmark(result: BenchmarkResult, console: Console) -> None:
     console.print(
         f"phantom {spec.slices} x {spec.size} x {spec.size} at {spec.spacing_mm} mm "
         f"({result.chunks} chunks); model width {result.model['encoder_width']}, "
-        f"input {result.model['input_size']}; Grad-CAM top {spec.gradcam_top_k}"
+        f"input {result.model['input_size']}, {result.model['precision']}, "
+        f"batch {result.model['batch_size']}; Grad-CAM top {spec.gradcam_top_k}"
     )
     machine = result.machine
     console.print(

@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--expected-sha256", default=None, help="refuse a checkpoint with another hash")
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     predict.add_argument("--gradcam-top-k", type=int, default=3, help="chunks explained by Grad-CAM")
+    predict.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on CPU",
+    )
+    predict.add_argument("--batch-size", type=int, default=None, help="chunks per stage-1 pass")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     predict.add_argument("--verbose", action="store_true", help="log progress on stderr")
 
@@ -56,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--repeats", type=int, default=2, help="predict runs (the first is cold)")
     bench.add_argument("--gradcam-top-k", type=int, default=3)
+    bench.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    bench.add_argument("--batch-size", type=int, default=None)
     bench.add_argument("--json", action="store_true")
     return parser
 
@@ -134,6 +141,8 @@ def _predict(args: argparse.Namespace, stdout: TextIO) -> int:
         device=args.device,
         expected_sha256=args.expected_sha256,
         gradcam_top_k=args.gradcam_top_k,
+        batch_size=args.batch_size,
+        precision=args.precision,
     )
     prediction = predictor.predict(args.series)
     if args.json:
@@ -156,6 +165,8 @@ def _benchmark(args: argparse.Namespace, stdout: TextIO) -> int:
         device=args.device,
         repeats=args.repeats,
         gradcam_top_k=args.gradcam_top_k,
+        precision=args.precision,
+        batch_size=args.batch_size,
     )
     result = run_benchmark(spec)
     if args.json:

@@ -19,6 +19,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,7 @@ from pe_model.volume import Volume, load_series
 log = structlog.get_logger(__name__)
 
 SeriesInput = str | Path | Sequence[str | Path] | Sequence[Dataset] | Volume
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
 class DeviceError(PEModelError):
@@ -101,17 +103,20 @@ class Predictor:
         *,
         device: str = "cpu",
         gradcam_top_k: int = 3,
-        batch_size: int = 8,
+        batch_size: int | None = None,
+        precision: str = "auto",
         num_threads: int | None = None,
     ) -> None:
         if gradcam_top_k < 0:
             raise ValueError("gradcam_top_k must be zero or more")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be positive")
-        self.checkpoint = checkpoint
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = resolve_device(device)
         self.gradcam_top_k = gradcam_top_k
-        self.batch_size = batch_size
+        # On CPU a batch of 2 is as fast per chunk as 8 and needs far less memory.
+        self.batch_size = batch_size or (8 if self.device.type == "cuda" else 2)
         if num_threads is not None:
             torch.set_num_threads(max(1, num_threads))
         elif torch.get_num_threads() > _available_cores():
@@ -119,11 +124,18 @@ class Predictor:
             # convolutions many times slower. Fewer threads set by the caller are kept.
             torch.set_num_threads(_available_cores())
         self.preprocess_config: PreprocessConfig = checkpoint.preprocess_config
-        self.encoder: R3D18 = checkpoint.build_encoder().to(self.device)
+        encoder = checkpoint.build_encoder()
+        # Stage 1 runs a BN-folded copy in channels_last_3d (faster on CPU and CUDA); Grad-CAM
+        # needs only the pooling and classifier, identical in both.
+        self.encoder: R3D18 = encoder.fused_for_inference().to(self.device)
+        self.encoder = self.encoder.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        del encoder
         self.sequence_model: SequenceModel = checkpoint.build_sequence_model().to(self.device)
-        if self.device.type == "cuda":
-            self.encoder = self.encoder.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        self._autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        # Keep the identity and configuration, not a second copy of the weights.
+        self.checkpoint = dataclasses.replace(checkpoint, encoder_state={}, sequence_state={})
+        use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if use_bf16 else "fp32"
+        self._autocast_dtype = torch.bfloat16 if use_bf16 else None
 
     @classmethod
     def from_checkpoint(
@@ -133,16 +145,23 @@ class Predictor:
         device: str = "cpu",
         expected_sha256: str | None = None,
         gradcam_top_k: int = 3,
-        batch_size: int = 8,
+        batch_size: int | None = None,
+        precision: str = "auto",
         num_threads: int | None = None,
     ) -> Predictor:
-        """Load and verify a checkpoint (a path or ``builtin:demo``) and build both stages."""
+        """Load and verify a checkpoint (a path or ``builtin:demo``) and build both stages.
+
+        ``device``: cpu, cuda, cuda:N or auto (CUDA when available). ``batch_size``: chunks per
+        stage-1 pass (default 8 on CUDA, 2 on CPU). ``precision``: auto (bf16 autocast on CUDA,
+        fp32 on CPU), fp32, or bf16 (also on CPUs with native bf16: about 2x faster).
+        """
         checkpoint = load_checkpoint(ref, expected_sha256=expected_sha256)
         return cls(
             checkpoint,
             device=device,
             gradcam_top_k=gradcam_top_k,
             batch_size=batch_size,
+            precision=precision,
             num_threads=num_threads,
         )
 
@@ -167,9 +186,7 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, chunks.shape[0], self.batch_size):
                 batch = chunks[start : start + self.batch_size].to(self.device, non_blocking=True)
-                batch = to_network_input(batch)
-                if self.device.type == "cuda":
-                    batch = batch.contiguous(memory_format=torch.channels_last_3d)
+                batch = to_network_input(batch).contiguous(memory_format=torch.channels_last_3d)
                 with self._autocast():
                     layer4 = self.encoder.feature_maps(batch)
                     pooled = self.encoder.pool(layer4)

@@ -364,3 +364,22 @@ def test_grad_cam_from_kept_maps_equals_full_backward_grad_cam() -> None:
     reference = torch.where(peak > 0, reference / peak.clamp_min(1e-12), torch.zeros_like(reference))
     ours = grad_cam(encoder, chunks.detach())
     assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_fused_for_inference_matches_the_unfused_network() -> None:
+    torch.manual_seed(4)
+    model = R3D18(width=4).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+    fused = model.fused_for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())  # original kept
+    chunks = torch.rand(2, 3, 10, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(fused(chunks), model(chunks), atol=1e-4)
+        assert torch.allclose(fused.features(chunks), model.features(chunks), atol=1e-4)

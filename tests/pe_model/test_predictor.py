@@ -180,3 +180,20 @@ def test_cuda_bf16_matches_cpu(
     on_gpu = Predictor.from_checkpoint(tiny_checkpoint, device="cuda").predict(directory)
     assert np.allclose(on_gpu.chunk_probabilities, on_cpu.chunk_probabilities, atol=0.05)
     assert len(on_gpu.heatmaps) == len(on_cpu.heatmaps)
+
+
+def test_batch_size_and_precision(
+    tiny_checkpoint: Path, phantom_series: tuple[Path, PhantomTruth], predictor: Predictor
+) -> None:
+    directory, _ = phantom_series
+    volume = load_series(directory)
+    reference = predictor.predict(volume)
+    assert predictor.precision == "fp32" and predictor.batch_size == 2
+    one_at_a_time = Predictor.from_checkpoint(tiny_checkpoint, batch_size=1).predict(volume)
+    assert one_at_a_time.chunk_probabilities == pytest.approx(reference.chunk_probabilities, abs=1e-5)
+    bf16 = Predictor.from_checkpoint(tiny_checkpoint, precision="bf16")
+    assert bf16.precision == "bf16"
+    mixed = bf16.predict(volume)
+    assert mixed.chunk_probabilities == pytest.approx(reference.chunk_probabilities, abs=0.02)
+    with pytest.raises(ValueError, match="precision"):
+        Predictor.from_checkpoint(tiny_checkpoint, precision="fp8")
