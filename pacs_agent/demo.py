@@ -124,6 +124,8 @@ class SeriesOutcome:
     seconds_to_pacs: float | None = None
     note: str = ""
     secondary_captures: tuple[PacsObject, ...] = ()
+    #: "name version (sha256 prefix)" of the model that made the result.
+    model: str = ""
 
 
 # ---------------------------------------------------------------- embedded PACS
@@ -519,8 +521,8 @@ def send_series(
             status = assoc.send_c_store(path)
             code = int(status.Status) if status else None
             if code != 0:
-                shown = "no response" if code is None else f"0x{code:04X}"
-                raise DemoError(f"the agent answered {shown} to an image of {truth.spec.series_description!r}")
+                shown = "no answer" if code is None else f"status 0x{code:04X}"
+                raise DemoError(f"the agent refused an image of {truth.spec.series_description!r} ({shown})")
             last = datetime.now(timezone.utc)
             progress.advance(task)
     finally:
@@ -566,7 +568,8 @@ def outcome_of(session: Session, pacs: EmbeddedPACS, sent: SentSeries) -> Series
     for output in present:
         objects[output.kind.value] = objects.get(output.kind.value, 0) + 1
     secondary = tuple(at_pacs[o.sop_instance_uid] for o in present if o.kind == OutputKind.SC)
-    base = SeriesOutcome(state="", flag=flag, pe_probability=probability, objects=objects, secondary_captures=secondary)
+    model = f"{result.model_name} {result.model_version} (sha256 {result.model_sha256[:12]})" if result is not None else ""
+    base = SeriesOutcome(state="", flag=flag, pe_probability=probability, objects=objects, secondary_captures=secondary, model=model)
     if failed:
         return replace(base, state="delivery failed", final=True, note=failed[0].last_error or "delivery to PACS failed")
     if outputs and len(present) == len(outputs) and all(d.status == DeliveryStatus.DELIVERED for d in deliveries):
@@ -635,6 +638,7 @@ def summary_dict(sent: Sequence[SentSeries], outcomes: dict[str, SeriesOutcome],
                 "objects_at_pacs": outcomes[item.case.key].objects,
                 "seconds_last_image_to_pacs": outcomes[item.case.key].seconds_to_pacs,
                 "note": outcomes[item.case.key].note,
+                "model": outcomes[item.case.key].model,
             }
             for item in sent
         ],
@@ -727,6 +731,8 @@ class _Demo:
         sent = self._send(cases)
         outcomes = self._wait(sent, deadline)
         self.console.print(results_table(sent, outcomes))
+        for model in sorted({o.model for o in outcomes.values() if o.model}):
+            self.console.print(f"Model: {model} - synthetic, NOT FOR CLINICAL USE")
         pngs = save_pngs(self.pacs, sent, outcomes, self.output)
         for path in pngs:
             self.console.print(f"Grad-CAM secondary capture: {path}")
@@ -743,7 +749,13 @@ class _Demo:
             for case in cases:
                 truth = write_phantom_series(self.workdir / "phantoms" / case.key, case.spec)
                 task = progress.add_task(f"C-STORE {case.spec.series_description}", total=len(truth.files))
-                acknowledged = send_series(truth, port=self.agent_port, calling_ae_title=self.pacs.ae_title, progress=progress, task=task)
+                try:
+                    acknowledged = send_series(truth, port=self.agent_port, calling_ae_title=self.pacs.ae_title, progress=progress, task=task)
+                except DemoError:
+                    code = self.agent.exit_code() if self.agent is not None else None
+                    if code is not None:
+                        raise DemoError(f"the agent stopped while images were being sent (exit code {code}); see {self.logs}") from None
+                    raise
                 sent.append(SentSeries(case, truth, acknowledged))
         return sent
 
@@ -808,7 +820,8 @@ def execute(options: DemoOptions, console: Console | None = None) -> int:
         console.print(f"Interrupted: the agent and the PACS are stopped. Work folder: {demo.workdir}")
         return EXIT_INTERRUPTED
     except (DemoError, AgentError) as exc:
-        console.print(f"[red]demo failed:[/] {exc}")
+        message = str(exc) if str(demo.logs) in str(exc) else f"{exc}; see {demo.logs}"
+        console.print(f"[red]demo failed:[/] {message}", soft_wrap=True)
         return EXIT_FAILURE
     if code == EXIT_OK:
         demo.tidy()

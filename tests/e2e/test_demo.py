@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pacs_agent.demo import process_group_alive
+from pacs_agent.demo import AGENT_AE_TITLE, EXIT_FAILURE, EXIT_USAGE, StorageSCP, demo_cases, process_group_alive, run_demo, write_agent_config
+from pacs_agent.settings import load_settings
 from tests.e2e.conftest import clean_environment
 from tests.support.orthanc import orthanc_binary
 
@@ -27,6 +28,46 @@ pytestmark = pytest.mark.slow
 
 DESCRIPTIONS = ("CTPA demo - PE with RV strain", "CTPA demo - no PE", "CT HEAD without contrast")
 ANALYSED_FLAGS = {"CRITICAL", "HIGH", "REVIEW", "ROUTINE"}
+
+
+def test_demo_config_is_a_valid_agent_config(tmp_path: Path) -> None:
+    pacs = StorageSCP(tmp_path / "pacs", tmp_path / "pacs.log")
+    pacs.port = 40404
+    write_agent_config(tmp_path / "agent.toml", workdir=tmp_path, agent_port=40405, pacs=pacs, checkpoint="builtin:demo", quiet_seconds=None)
+    settings = load_settings(tmp_path / "agent.toml", environ={})
+    assert settings.node.ae_title == AGENT_AE_TITLE and settings.node.port == 40405
+    assert settings.node.allowed_calling_ae_titles == (pacs.ae_title,), "the PACS may send to the agent, nobody else"
+    assert [(d.ae_title, d.host, d.port) for d in settings.destinations] == [(pacs.ae_title, "127.0.0.1", 40404)]
+    assert settings.series.quiet_seconds == 5.0, "the demo keeps the default quiet period"
+    assert settings.model.checkpoint == "builtin:demo"
+    assert settings.storage.root == str(tmp_path / "spool") and str(tmp_path) in settings.database.url
+
+
+def test_demo_cases_are_a_pe_with_rv_strain_a_negative_and_a_head_ct() -> None:
+    pe, negative, head = (case.spec for case in demo_cases(128, 120))
+    assert pe.has_pe and pe.rv_lv_ratio >= 1.2 and set(pe.locations) >= {"central"}
+    assert not negative.has_pe and negative.kind == "ctpa"
+    assert head.kind == "head" and not head.contrast
+    assert (pe.rows, pe.columns, pe.n_slices) == (128, 128, 120)
+    assert len({s.patient_id for s in (pe, negative, head)}) == 3
+
+
+def test_demo_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_demo(["--pacs", "cloud"]) == EXIT_USAGE
+    assert "--pacs" in capsys.readouterr().err
+
+
+def test_demo_whose_agent_cannot_analyse_exits_1_naming_the_logs(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"this is not a checkpoint")
+    workdir = tmp_path / "demo"
+    done = subprocess.run(_demo_command(workdir, broken, "scp"), capture_output=True, text=True, timeout=300,
+                          env=clean_environment(), check=False)
+    assert done.returncode == EXIT_FAILURE, done.stdout + done.stderr
+    failure = [line for line in done.stdout.splitlines() if line.startswith("demo failed:")]
+    assert len(failure) == 1, done.stdout
+    assert str(workdir / "logs") in failure[0]
+    assert (workdir / "logs" / "agent.log").is_file(), "logs stay after a failure"
 
 
 def _demo_command(workdir: Path, checkpoint: Path, pacs: str) -> list[str]:
