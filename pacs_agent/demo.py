@@ -819,7 +819,7 @@ def execute(options: DemoOptions, console: Console | None = None) -> int:
     except KeyboardInterrupt:
         console.print(f"Interrupted: the agent and the PACS are stopped. Work folder: {demo.workdir}")
         return EXIT_INTERRUPTED
-    except (DemoError, AgentError) as exc:
+    except (DemoError, AgentError, OSError) as exc:
         message = str(exc) if str(demo.logs) in str(exc) else f"{exc}; see {demo.logs}"
         console.print(f"[red]demo failed:[/] {message}", soft_wrap=True)
         return EXIT_FAILURE
