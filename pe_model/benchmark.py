@@ -56,6 +56,10 @@ class BenchmarkResult:
 
     spec: BenchmarkSpec
     runs: tuple[dict[str, float], ...]
+    #: Process CPU seconds (all threads) of each predict run: the work done, whatever the load.
+    cpu_s: tuple[float, ...]
+    #: 1-minute load average before and after the runs: other processes inflate wall times.
+    load_average: tuple[float, float]
     chunks: int
     peak_rss_mb: float
     phantom_write_s: float
@@ -68,6 +72,8 @@ class BenchmarkResult:
         return {
             "spec": asdict(self.spec),
             "runs": [dict(run) for run in self.runs],
+            "cpu_s": [round(c, 2) for c in self.cpu_s],
+            "load_average": [round(v, 2) for v in self.load_average],
             "chunks": self.chunks,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "phantom_write_s": round(self.phantom_write_s, 2),
@@ -118,6 +124,13 @@ def _write_phantom(directory: str, slices: int, size: int, spacing_mm: float) ->
             locations=("central", "right"),
         ),
     )
+
+
+def _load_average() -> float:
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return float("nan")
 
 
 def _peak_rss_mb() -> float:
@@ -176,15 +189,22 @@ def run_benchmark(spec: BenchmarkSpec) -> BenchmarkResult:
         )
         model_load_s = time.perf_counter() - mark
         runs: list[dict[str, float]] = []
+        cpu_s: list[float] = []
         chunks = 0
+        load_before = _load_average()
         for _ in range(spec.repeats):
+            cpu_mark = time.process_time()
             prediction = predictor.predict(folder)
+            cpu_s.append(time.process_time() - cpu_mark)
             runs.append({stage: float(prediction.timings_s[stage]) for stage in STAGES})
             chunks = len(prediction.chunk_probabilities)
+        load_after = _load_average()
     info = predictor.model_info
     return BenchmarkResult(
         spec=spec,
         runs=tuple(runs),
+        cpu_s=tuple(cpu_s),
+        load_average=(load_before, load_after),
         chunks=chunks,
         peak_rss_mb=_peak_rss_mb(),
         phantom_write_s=phantom_write_s,
@@ -220,10 +240,13 @@ def print_benchmark(result: BenchmarkResult, console: Console) -> None:
     table.add_column("run")
     for stage in STAGES:
         table.add_column(stage, justify="right")
-    for index, run in enumerate(result.runs):
-        table.add_row("cold" if index == 0 else f"warm {index}", *(f"{run[s]:.2f}" for s in STAGES))
+    table.add_column("CPU s", justify="right")
+    for index, (run, cpu) in enumerate(zip(result.runs, result.cpu_s, strict=True)):
+        label = "cold" if index == 0 else f"warm {index}"
+        table.add_row(label, *(f"{run[s]:.2f}" for s in STAGES), f"{cpu:.1f}")
     console.print(table)
     console.print(
         f"peak RSS {result.peak_rss_mb:.0f} MB; model load {result.model_load_s:.2f} s; "
-        f"phantom written in {result.phantom_write_s:.1f} s (separate process, not counted)"
+        f"phantom written in {result.phantom_write_s:.1f} s (separate process, not counted); "
+        f"load average {result.load_average[0]:.1f} -> {result.load_average[1]:.1f}"
     )
