@@ -1,0 +1,56 @@
+"""Fixtures for fault tests: the `faults` marker, a tiny random checkpoint, a running node, a stand-in PACS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.node import Node, free_port, node_config
+from tests.support.pacs_scp import PacsSCP
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "faults: long fault-injection tests, run by `make faults` (pytest -m faults)")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised checkpoint (R3D-18 width 4, input 32): fast on CPU, outputs meaningless."""
+    from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
+    from pe_model.preprocessing import PreprocessConfig
+
+    path = tmp_path_factory.mktemp("fault_model") / "tiny.pt"
+    build_initial_checkpoint(
+        path, encoder_width=4, sequence=small_sequence_config(4, hidden=16), preprocess_config=PreprocessConfig(input_size=32), seed=0,
+    )
+    return path
+
+
+@pytest.fixture
+def pacs() -> Iterator[PacsSCP]:
+    """A pynetdicom storage SCP standing in for PACS (its port is fixed; stop/start for outages)."""
+    scp = PacsSCP(ae_title="PACS")
+    scp.start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Callable[..., Node]]:
+    """``make_node(destinations=[...], **sections) -> Node`` (not started); every node is stopped at the end."""
+    nodes: list[Node] = []
+
+    def make(*, name: str = "node", destinations: Any = (), **sections: Any) -> Node:
+        workdir = tmp_path / name
+        node = Node(workdir, node_config(workdir, port=free_port(), checkpoint=tiny_checkpoint, destinations=destinations, **sections))
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
