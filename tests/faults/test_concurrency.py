@@ -1,0 +1,103 @@
+"""50 senders at once against a node that allows 10 associations: the excess is refused with
+A-ASSOCIATE-RJ (not dropped, not aborted mid-transfer), and what the accepted ones sent is complete."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from pacs_agent.db.models import Instance, Series
+from pe_model.phantoms import PhantomSpec, write_phantom_series
+from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, set_nodelay
+
+pytestmark = pytest.mark.slow
+
+SENDERS = 50
+MAX_ASSOCIATIONS = 10
+INSTANCES_PER_SENDER = 4
+
+
+@dataclass
+class Outcome:
+    series_instance_uid: str
+    established: bool = False
+    rejected: bool = False
+    aborted: bool = False
+    result: tuple[int, int, int] | None = None  # (result, source, reason) of an A-ASSOCIATE-RJ
+    statuses: list[int] = field(default_factory=list)
+
+
+def _series(tmp_path: Path, index: int) -> list[Dataset]:
+    import pydicom
+
+    truth = write_phantom_series(
+        tmp_path / f"s{index}", PhantomSpec(rows=16, columns=16, n_slices=INSTANCES_PER_SENDER, seed=500 + index, patient_id=f"CONC-{index}")
+    )
+    return [pydicom.dcmread(p) for p in truth.files]
+
+
+def test_fifty_concurrent_associations(make_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = make_node(node={"max_associations": MAX_ASSOCIATIONS}, workers={"count": 0}).start()
+    series = [_series(tmp_path, i) for i in range(SENDERS)]
+    outcomes = [Outcome(str(s[0].SeriesInstanceUID)) for s in series]
+    associated = threading.Barrier(SENDERS, timeout=60)
+
+    def sender(index: int) -> None:
+        ae = AE(ae_title=f"SENDER{index:02d}")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        outcome = outcomes[index]
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=AGENT_AE_TITLE)
+        outcome.established = assoc.is_established
+        outcome.rejected = assoc.is_rejected
+        if assoc.is_rejected and assoc.acceptor.primitive is not None:
+            p = assoc.acceptor.primitive
+            outcome.result = (int(p.result), int(p.result_source), int(p.diagnostic))
+        try:
+            associated.wait()  # every association is open (or refused) before anyone sends or releases
+        except threading.BrokenBarrierError:
+            pass
+        if not assoc.is_established:
+            return
+        set_nodelay(assoc)
+        for ds in series[index]:
+            status = assoc.send_c_store(ds)
+            outcome.statuses.append(int(status.Status) if status and "Status" in status else -1)
+        outcome.aborted = assoc.is_aborted
+        assoc.release()
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(SENDERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+
+    accepted = [o for o in outcomes if o.established]
+    refused = [o for o in outcomes if not o.established]
+    assert len(accepted) == MAX_ASSOCIATIONS, f"{len(accepted)} accepted"
+    assert len(refused) == SENDERS - MAX_ASSOCIATIONS
+    # Refused cleanly: an A-ASSOCIATE-RJ, "rejected-transient" (2) by the service provider's presentation
+    # layer (3) with "local limit exceeded" (2) - not a dropped connection.
+    assert all(o.rejected for o in refused), "an excess association was dropped instead of rejected"
+    assert {o.result for o in refused} == {(2, 3, 2)}, {o.result for o in refused}
+    assert all(not o.aborted and o.statuses == [0] * INSTANCES_PER_SENDER for o in accepted)
+
+    node_ok = c_echo(node.port)
+    assert node_ok and node.alive()
+    with node.sessions()() as session:
+        counts = dict(
+            session.execute(select(Series.series_instance_uid, func.count(Instance.id)).join(Instance).group_by(Series.id)).all()
+        )
+    assert counts == {o.series_instance_uid: INSTANCES_PER_SENDER for o in accepted}, "accepted data complete, refused data absent"
+    files = list((node.spool / "incoming").rglob("*.dcm"))
+    assert len(files) == MAX_ASSOCIATIONS * INSTANCES_PER_SENDER
+    rejected_events = node.events(kind="association_rejected")
+    assert len(rejected_events) == SENDERS - MAX_ASSOCIATIONS
