@@ -48,6 +48,8 @@ class BenchmarkSpec:
     gradcam_top_k: int = 3
     precision: str = "auto"
     batch_size: int | None = None
+    #: torch threads (None: the predictor's default, one per available core).
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,14 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def machine_description(device: torch.device) -> dict[str, Any]:
     try:
         cores = len(os.sched_getaffinity(0))
@@ -106,6 +116,7 @@ def machine_description(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": str(device),
+        "cpu_native_bf16": _cpu_native_bf16(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -186,6 +197,7 @@ def run_benchmark(spec: BenchmarkSpec) -> BenchmarkResult:
             gradcam_top_k=spec.gradcam_top_k,
             precision=spec.precision,
             batch_size=spec.batch_size,
+            num_threads=spec.threads,
         )
         model_load_s = time.perf_counter() - mark
         runs: list[dict[str, float]] = []

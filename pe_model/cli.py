@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--gradcam-top-k", type=int, default=3)
     bench.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     bench.add_argument("--batch-size", type=int, default=None)
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     bench.add_argument("--json", action="store_true")
     return parser
 
@@ -167,6 +168,7 @@ def _benchmark(args: argparse.Namespace, stdout: TextIO) -> int:
         gradcam_top_k=args.gradcam_top_k,
         precision=args.precision,
         batch_size=args.batch_size,
+        threads=args.threads,
     )
     result = run_benchmark(spec)
     if args.json:
