@@ -197,3 +197,22 @@ def test_batch_size_and_precision(
     assert mixed.chunk_probabilities == pytest.approx(reference.chunk_probabilities, abs=0.02)
     with pytest.raises(ValueError, match="precision"):
         Predictor.from_checkpoint(tiny_checkpoint, precision="fp8")
+
+
+def test_long_series_is_resized_for_stage_two_and_mapped_back(
+    predictor: Predictor, tmp_path: Path
+) -> None:
+    """More chunks than the sequence model's seq_len (40): linear resize and back."""
+    directory = tmp_path / "long"
+    write_phantom_series(
+        directory,
+        PhantomSpec(n_slices=100, rows=48, columns=48, pixel_spacing_mm=7.0, slice_spacing_mm=5.0),
+    )
+    prediction = predictor.predict(directory)
+    chunks = len(prediction.chunk_probabilities)
+    assert chunks > predictor.sequence_model.config.seq_len
+    assert len(prediction.chunk_sop_instance_uids) == chunks
+    for weights in prediction.attention.values():
+        assert len(weights) == chunks and sum(weights) == pytest.approx(1.0, abs=1e-5)
+    assert violations(list(prediction.chunk_probabilities), prediction.probabilities) == []
+    assert all(0.0 <= p <= 1.0 for p in prediction.chunk_probabilities)
