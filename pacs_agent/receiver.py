@@ -209,9 +209,23 @@ class _AssociationState:
     closed: bool = False
 
 
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """An SSL context whose server sockets do the TLS handshake on their first read.
+
+    pynetdicom wraps each accepted socket in its listener thread; with the default immediate handshake a
+    peer that connects and sends nothing would stall the listener for every other client. Deferred,
+    the handshake runs in the association's own thread (OpenSSL performs it inside the first read).
+    """
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        if kwargs.get("server_side"):
+            kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     """TLS context for the SCP: our certificate and key; peers verified against the CA bundle."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(tls.certificate, tls.private_key)

@@ -650,3 +650,22 @@ def test_enhanced_ct_phantom_is_stored(start_receiver: Callable[..., Peer], tmp_
     assert stored.SOPClassUID == EnhancedCTImageStorage and int(stored.NumberOfFrames) == 12
     with peer.session() as session:
         assert session.scalars(select(Instance.sop_class_uid)).one() == EnhancedCTImageStorage
+
+
+def test_a_silent_tls_client_does_not_block_other_clients(
+    start_receiver: Callable[..., Peer], certificates: dict[str, Path]
+) -> None:
+    """A peer that connects and never starts the TLS handshake (a probe, a stuck sender) holds only itself."""
+    import socket
+
+    peer = start_receiver(node=_tls_settings(certificates))
+    with socket.create_connection(("127.0.0.1", peer.port)) as _silent:
+        time.sleep(0.2)  # the listener has accepted it
+        started = time.monotonic()
+        ae = scu()
+        ae.acse_timeout = ae.network_timeout = 5
+        good = ae.associate("127.0.0.1", peer.port, ae_title="PE_AGENT",
+                            tls_args=(_client_context(certificates, with_certificate=True), "127.0.0.1"))
+        assert good.is_established
+        assert time.monotonic() - started < 3
+        good.release()
