@@ -148,8 +148,8 @@ def _rule_matches(rule: PriorityRule, calling_ae_title: str, descriptions: Seque
     return True
 
 
-def _check(headers: Sequence[pydicom.Dataset], rule: SelectionSettings) -> tuple[list[str], str]:
-    """(failures, summary of an accepted series)."""
+def _check(headers: Sequence[pydicom.Dataset], rule: SelectionSettings, instance_count: int) -> tuple[list[str], str]:
+    """(failures, summary of an accepted series); ``headers`` may be an even sample of ``instance_count``."""
     first = headers[0]
     failures: list[str] = []
     modality = _text(first.get("Modality")).upper()
@@ -184,6 +184,8 @@ def _check(headers: Sequence[pydicom.Dataset], rule: SelectionSettings) -> tuple
         failures.append(f"not axial: {described} of {len(images)} images")
 
     slices = sum(_frames(ds) for ds in images)
+    if instance_count > len(headers):
+        slices = round(slices * instance_count / len(headers))
     if slices < rule.min_slices:
         failures.append(f"{slices} slices; at least {rule.min_slices} needed")
 
@@ -210,12 +212,17 @@ def select_series(
     settings: SeriesSettings,
     *,
     calling_ae_title: str,
+    instance_count: int | None = None,
 ) -> SelectionDecision:
-    """Apply the CTPA rule to one series' headers (one dataset per instance, pixel data not needed)."""
+    """Apply the CTPA rule to one series' headers (pixel data not needed).
+
+    ``headers``: one dataset per instance, or an even sample of them when ``instance_count`` (the
+    number of instances in the series) is larger; slice counts are then scaled to the whole series.
+    """
     if not headers:
         return SelectionDecision(False, "no readable instances in the series", settings.default_priority)
     priority = _priority(settings, calling_ae_title, _descriptions(headers[0]))
-    failures, summary = _check(headers, settings.selection)
+    failures, summary = _check(headers, settings.selection, max(instance_count or 0, len(headers)))
     if failures:
         return SelectionDecision(False, "; ".join(failures), priority)
     return SelectionDecision(True, summary, priority)

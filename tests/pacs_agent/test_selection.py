@@ -179,3 +179,13 @@ def test_priority_rules_highest_match_else_default() -> None:
     # Rejected series still get their priority (kept on the series row).
     rejected = select_series(series(5), settings, calling_ae_title="ER_CT")
     assert not rejected.accepted and rejected.priority == 10
+
+
+def test_a_sample_of_headers_is_scaled_to_the_instance_count() -> None:
+    sample = series(10)
+    assert not select_series(sample, DEFAULT, calling_ae_title="X").accepted  # 10 < 40
+    decision = select_series(sample, DEFAULT, calling_ae_title="X", instance_count=400)
+    assert decision.accepted and "400 axial" in decision.reason
+    with_localizer = series(9) + series(1, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    assert "360 axial" in select_series(with_localizer, DEFAULT, calling_ae_title="X", instance_count=400).reason
+    assert "30 slices" in select_series(series(10), DEFAULT, calling_ae_title="X", instance_count=30).reason

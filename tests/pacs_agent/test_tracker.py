@@ -24,7 +24,8 @@ from pacs_agent.db.session import make_engine, make_session_factory, transaction
 from pacs_agent.receiver import AssociationClosed, AssociationOpened, ReceivedInstance, Receiver, apply_records
 from pacs_agent.settings import Settings
 from pacs_agent.storage import Spool
-from pacs_agent.tracker import recover_open_associations, sweep_series
+from pacs_agent import tracker
+from pacs_agent.tracker import even_sample, recover_open_associations, sweep_series
 from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 
 QUIET = 1.0
@@ -340,3 +341,37 @@ def test_enhanced_ct_series_counts_frames_and_is_queued(world: World) -> None:
         queued = session.scalars(select(Event).where(Event.kind == "job_queued")).one()
     assert queued.job_id == job_id
     assert series_row(world, truth.series_instance_uid).instance_count == 1
+
+
+def test_even_sample() -> None:
+    items = [str(i) for i in range(100)]
+    sample = even_sample(items, 5)
+    assert sample == ["0", "25", "50", "74", "99"]
+    assert even_sample(items[:3], 5) == ["0", "1", "2"]
+    assert even_sample(items, 1) == ["0"]
+
+
+def test_large_series_are_decided_on_a_sample_scaled_to_the_instance_count(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracker, "SELECTION_SAMPLE", 4)
+    read: list[int] = []
+    original = tracker.read_selection_headers
+
+    def counting(spool: Spool, paths: Any) -> list[pydicom.Dataset]:
+        paths = list(paths)
+        read.append(len(paths))
+        return original(spool, paths)
+
+    monkeypatch.setattr(tracker, "read_selection_headers", counting)
+    full = phantom(world, "full")
+    short = phantom(world, "short", n_slices=8, seed=1)
+    t0 = utcnow()
+    ingest(world, full, at=t0)
+    ingest(world, short, at=t0)
+    queued = sweep_series(world.factory, world.settings, now=t0 + timedelta(seconds=QUIET))
+    assert read == [4, 4]
+    assert len(queued) == 1
+    assert series_row(world, full.series_instance_uid).state == SeriesState.QUEUED
+    ignored = series_row(world, short.series_instance_uid)
+    assert ignored.state == SeriesState.IGNORED and "8 slices; at least 12 needed" in ignored.ignore_reason
