@@ -541,6 +541,12 @@ class Receiver:
         self._server.shutdown()
         self._ae.shutdown()
         self._server = None
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:  # let the abort handlers record their associations as closed
+            with self._lock:
+                if not self._associations:
+                    break
+            time.sleep(0.01)
         if self._writer is not None:
             self._writer.stop(timeout=30)
             self._writer = None

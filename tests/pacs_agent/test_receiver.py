@@ -669,3 +669,18 @@ def test_a_silent_tls_client_does_not_block_other_clients(
         assert good.is_established
         assert time.monotonic() - started < 3
         good.release()
+
+
+def test_stop_closes_open_associations_in_the_database(start_receiver: Callable[..., Peer]) -> None:
+    peer = start_receiver()
+    study, series = generate_uid(), generate_uid()
+    assoc = scu().associate("127.0.0.1", peer.port, ae_title="PE_AGENT")
+    assert assoc.send_c_store(ct_slice(study, series, 0)).Status == 0
+    peer.receiver.stop()
+    with peer.factory() as session:
+        association = session.scalars(select(Association)).one()
+        assert association.closed_at is not None and association.close_reason == "aborted"
+        assert session.scalars(select(Series.instance_count)).one() == 1
+    assert not peer.receiver.is_running
+    with pytest.raises(ReceiverError, match="not running"):
+        _ = peer.receiver.port
