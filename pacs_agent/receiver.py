@@ -14,8 +14,10 @@ Statuses: 0x0000 stored, duplicate (not stored twice) or another storage SOP cla
 0xA700 below the disk floor or the spool cannot be written; 0xA900 invalid or missing UIDs; 0xC210 a
 dataset that cannot be read. Handlers never raise.
 
-Note: ``STORE_RECV_CHUNKED_DATASET`` is a pynetdicom module setting, so it applies to every SCP in the
-process once the receiver starts; other SCPs should read ``event.dataset`` (which handles it).
+Note: ``STORE_RECV_CHUNKED_DATASET`` is a pynetdicom module setting: while a receiver runs it applies to
+every SCP in the process (it is restored when the last receiver stops). Other SCPs in the same process
+should read ``event.dataset`` (which handles it), not ``event.encoded_dataset()``. If it is off (another
+component turned it off), the receiver falls back to writing ``event.encoded_dataset()``.
 """
 
 from __future__ import annotations
@@ -106,6 +108,31 @@ _HEADER_KEYWORDS = (
 _PROTECTED_MAX = 1024
 _BATCH_MAX = 1000
 _RETRY_MAX_SECONDS = 5.0
+
+
+class _ChunkedReceive:
+    """Turns pynetdicom's process-wide STORE_RECV_CHUNKED_DATASET on while any Receiver runs, then restores it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._previous = False
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._previous = _config.STORE_RECV_CHUNKED_DATASET
+                _config.STORE_RECV_CHUNKED_DATASET = True
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users == 0:
+                _config.STORE_RECV_CHUNKED_DATASET = self._previous
+
+
+_CHUNKED_RECEIVE = _ChunkedReceive()
 
 
 class ReceiverError(AgentError):
@@ -498,7 +525,6 @@ class Receiver:
         """Reconcile the spool with the database, then listen (non-blocking)."""
         if self._server is not None:
             return
-        _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         node = self._settings.node
@@ -521,9 +547,11 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_closed, ["aborted"]),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        _CHUNKED_RECEIVE.acquire()
         try:
             server = self._ae.start_server((node.host, node.port), block=False, ssl_context=ssl_context, evt_handlers=handlers)
         except OSError as exc:
+            _CHUNKED_RECEIVE.release()
             self._writer.stop(timeout=5)
             self._writer = None
             raise ReceiverError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from exc
@@ -550,6 +578,7 @@ class Receiver:
         if self._writer is not None:
             self._writer.stop(timeout=30)
             self._writer = None
+        _CHUNKED_RECEIVE.release()
         log.info("receiver_stopped", **self.counters())
 
     def flush(self, timeout: float = 30.0) -> None:

@@ -682,5 +682,20 @@ def test_stop_closes_open_associations_in_the_database(start_receiver: Callable[
         assert association.closed_at is not None and association.close_reason == "aborted"
         assert session.scalars(select(Series.instance_count)).one() == 1
     assert not peer.receiver.is_running
+    assert _config.STORE_RECV_CHUNKED_DATASET is False  # pynetdicom's process-wide setting is restored
     with pytest.raises(ReceiverError, match="not running"):
         _ = peer.receiver.port
+
+
+def test_without_chunked_receive_the_encoded_dataset_is_stored(
+    start_receiver: Callable[..., Peer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another component may turn pynetdicom's chunked receive off; instances are still stored whole."""
+    peer = start_receiver()
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+    study, series = generate_uid(), generate_uid()
+    ds = ct_slice(study, series, 0)
+    assert send(peer, [ds]) == [0]
+    stored = pydicom.dcmread(peer.receiver.spool.instance_path(study, series, ds.SOPInstanceUID))
+    assert np.array_equal(stored.pixel_array, ds.pixel_array)
+    assert list(peer.receiver.spool.tmp_dir.iterdir()) == []
