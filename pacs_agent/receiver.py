@@ -594,26 +594,32 @@ class Receiver:
     wait_idle = flush
 
     def reconcile(self) -> int:
-        """Record spool files that have no Instance row (crash between rename and commit); return how many."""
+        """Record spool files that have no Instance row (crash between rename and commit); return how many.
+
+        One query for every series' instance count; only folders whose file count differs are compared
+        file by file, so a start-up over a large spool stays quick.
+        """
+        with self._factory() as session:
+            counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).tuples().all())
         recorded = 0
         for study_uid, series_uid, folder in self._spool.iter_incoming():
+            files = sorted(folder.glob(f"*{INSTANCE_SUFFIX}"))
+            if len(files) == counts.get(series_uid, 0):
+                continue
             with self._factory() as session:
                 known = set(
-                    session.scalars(
-                        select(Instance.path).join(Series).where(Series.series_instance_uid == series_uid)
-                    )
+                    session.scalars(select(Instance.path).join(Series).where(Series.series_instance_uid == series_uid))
                 )
             records: list[_Record] = []
-            for file in sorted(folder.glob(f"*{INSTANCE_SUFFIX}")):
-                relative = self._spool.relative(file)
-                if relative in known:
+            for file in files:
+                if self._spool.relative(file) in known:
                     continue
                 record = self._record_from_file(file, study_uid, series_uid)
                 if record is not None:
                     records.append(record)
             if records:
                 apply_records(self._factory, self._spool, records)
-                recorded += sum(1 for r in records if isinstance(r, ReceivedInstance))
+                recorded += len(records)
         if recorded:
             log.warning("receiver_reconciled_spool", instances=recorded)
         return recorded

@@ -476,6 +476,12 @@ def test_reconcile_records_spool_files_without_rows(settings_factory: Callable[.
             assert {i.association_id for i in row.instances} == {None}
         assert list(receiver.spool.tmp_dir.iterdir()) == []
         assert receiver.reconcile() == 0  # idempotent
+        # one more orphan in a series the database knows: found too
+        extra = ct_slice(study, series, 3)
+        extra.save_as(receiver.spool.instance_path(study, series, extra.SOPInstanceUID), enforce_file_format=True)
+        assert receiver.reconcile() == 1
+        with factory() as session:
+            assert session.scalars(select(Series.instance_count)).one() == 4
     finally:
         receiver.stop()
         engine.dispose()
