@@ -481,7 +481,7 @@ class Receiver:
         self._settings = settings
         self._factory = session_factory
         node = settings.node
-        self._spool = Spool(settings.spool_root, node.min_free_disk_mb)
+        self._spool = Spool(settings.spool_root, node.min_free_disk_mb, fsync=settings.storage.fsync)
         self._ae = AE(ae_title=node.ae_title)
         self._ae.maximum_associations = node.max_associations
         self._ae.acse_timeout = node.acse_timeout

@@ -55,6 +55,9 @@ class NodeSettings:
 class StorageSettings:
     #: Spool root: incoming/, outbox/, tmp/ live below it. Can be a shared mount for scale-out.
     root: str = "./var/spool"
+    #: fsync each received instance before it is acknowledged (survives power loss, costs ingest speed;
+    #: without it an acknowledged instance survives a crash of the node but not of the machine).
+    fsync: bool = False
 
 
 @dataclass(frozen=True)

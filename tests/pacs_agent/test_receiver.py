@@ -705,3 +705,19 @@ def test_without_chunked_receive_the_encoded_dataset_is_stored(
     stored = pydicom.dcmread(peer.receiver.spool.instance_path(study, series, ds.SOPInstanceUID))
     assert np.array_equal(stored.pixel_array, ds.pixel_array)
     assert list(peer.receiver.spool.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_storage_fsync_setting_decides_whether_instances_are_synced(
+    start_receiver: Callable[..., Peer], monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    import os
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    peer = start_receiver(storage={"fsync": fsync})
+    assert peer.receiver.spool.fsync_enabled is fsync
+    study, series = generate_uid(), generate_uid()
+    assert send(peer, [ct_slice(study, series, i) for i in range(3)]) == [0, 0, 0]
+    assert (len(synced) >= 3) is fsync
