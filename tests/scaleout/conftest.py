@@ -1,0 +1,121 @@
+"""Fixtures for scale-out tests: a PostgreSQL server, a database URL per backend, phantoms, a stand-in PACS."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from pacs_agent.db.session import make_engine
+from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from tests.scaleout.cluster import Cluster
+from tests.support.pacs_scp import PacsSCP
+
+#: Small phantoms: 64 x 64, 48 slices (passes the CTPA selection rule of 40 slices or more).
+PHANTOM_SLICES = 48
+PHANTOM_SIZE = 64
+SERIES_COUNT = 12
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised checkpoint (R3D-18 width 4, input 32): fast on CPU, outputs meaningless."""
+    from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
+    from pe_model.preprocessing import PreprocessConfig
+
+    path = tmp_path_factory.mktemp("scaleout_model") / "tiny.pt"
+    build_initial_checkpoint(
+        path, encoder_width=4, sequence=small_sequence_config(4, hidden=16), preprocess_config=PreprocessConfig(input_size=32), seed=0,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> list[PhantomTruth]:
+    """SERIES_COUNT CTPA phantoms, each in its own study (seeds differ: UIDs differ), PE and no PE mixed."""
+    root = tmp_path_factory.mktemp("scaleout_phantoms")
+    return [
+        write_phantom_series(
+            root / f"series-{i:02d}",
+            PhantomSpec(pe=i % 2 == 0, n_slices=PHANTOM_SLICES, rows=PHANTOM_SIZE, columns=PHANTOM_SIZE, seed=100 + i,
+                        patient_id=f"SCALEOUT-{i:04d}", patient_name=f"PHANTOM^SCALEOUT{i}"),
+        )
+        for i in range(SERIES_COUNT)
+    ]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One throw-away PostgreSQL server for the session; skipped without the Debian binaries."""
+    from tests.support.postgres import PostgresServer, postgres_bindir
+
+    if postgres_bindir() is None:
+        pytest.skip("PostgreSQL server binaries are not installed (Debian package postgresql)")
+    workdir = Path(tempfile.mkdtemp(prefix="pe-scaleout-pg-"))
+    server = PostgresServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def fresh_postgres_database(server: Any, name: str) -> str:
+    """Create an empty database ``name`` on ``server`` (dropping an old one); returns its URL."""
+    admin = make_engine(server.url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return str(server.url.rsplit("/", 1)[0] + "/" + name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each backend: a SQLite file (one machine) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'agent.sqlite'}"
+    server = request.getfixturevalue("postgres_server")
+    return fresh_postgres_database(server, "s_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:50])
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty PostgreSQL database for this test."""
+    return fresh_postgres_database(postgres_server, "s_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:50])
+
+
+@pytest.fixture
+def pacs() -> Iterator[PacsSCP]:
+    """A pynetdicom storage SCP standing in for PACS."""
+    scp = PacsSCP(ae_title="PACS")
+    scp.start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, tiny_checkpoint: Path, pacs: PacsSCP) -> Iterator[Callable[..., Cluster]]:
+    """``make_cluster(database_url, workers=3, **fields) -> Cluster`` (not started); stopped at the end."""
+    clusters: list[Cluster] = []
+
+    def make(database_url: str, **fields: Any) -> Cluster:
+        cluster = Cluster(root=tmp_path / f"cluster-{len(clusters)}", database_url=database_url, checkpoint=tiny_checkpoint,
+                          destination_port=pacs.port, **fields)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()

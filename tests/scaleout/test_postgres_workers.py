@@ -1,0 +1,115 @@
+"""One receiver, three `pe-agent worker` hosts, one shared spool and one database (PostgreSQL, and SQLite).
+
+Twelve phantom series arrive by C-STORE while a worker host is killed (SIGKILL of its supervisor and
+worker) in the middle of a job: each series is analysed exactly once (one SUCCEEDED job, one result,
+one report set at PACS, no object sent twice), the killed host's job comes back when its lease
+expires and is finished by another host, and nothing the killed attempt wrote reaches PACS.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pacs_agent.db.models import Event, Job, JobStatus, Output, OutputKind, Result, Worker
+from pe_model.phantoms import PhantomTruth
+from tests.faults.node import wait_until
+from tests.scaleout.cluster import Cluster, pause_a_running_job, pe_agent, send_series
+from tests.scaleout.conftest import SERIES_COUNT
+from tests.support.pacs_scp import PacsSCP
+
+pytestmark = pytest.mark.slow
+
+SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+def _events(cluster: Cluster, kind: str) -> list[Event]:
+    with cluster.sessions()() as session:
+        rows = list(session.scalars(select(Event).where(Event.kind == kind).order_by(Event.id)))
+        session.expunge_all()
+        return rows
+
+
+def _rows(cluster: Cluster, model: type[Result] | type[Output] | type[Worker]) -> list[object]:
+    with cluster.sessions()() as session:
+        rows: list[object] = list(session.scalars(select(model)))
+        session.expunge_all()
+        return rows
+
+
+def test_twelve_series_three_workers_one_killed_mid_job(
+    database_url: str, make_cluster: Callable[..., Cluster], pacs: PacsSCP, phantom_series: list[PhantomTruth]
+) -> None:
+    cluster = make_cluster(database_url, workers=3)
+    assert "database schema is at revision" in cluster.upgrade()
+    current = pe_agent("db", "current", "--json", "--config", str(cluster.root / "receiver" / "upgrade.toml"))
+    assert current.returncode == 0, current.stderr
+    receiver = cluster.start_receiver()
+    hosts = cluster.start_workers()
+    owners = {h.owner for h in hosts}
+
+    failures: list[BaseException] = []
+
+    def scanner() -> None:
+        try:
+            send_series(receiver.port, [truth.files for truth in phantom_series])
+        except BaseException as exc:  # reported by the test thread below
+            failures.append(exc)
+
+    sender = threading.Thread(target=scanner, name="scanner")
+    sender.start()
+    victim_job_id, victim = pause_a_running_job(cluster, timeout=90)
+    victim_owner = victim.owner
+    victim.kill9()
+    sender.join(timeout=120)
+    assert not sender.is_alive() and not failures, failures
+
+    wait_until(lambda: cluster.all_done(SERIES_COUNT), timeout=120, what=f"all series analysed and delivered:\n{cluster.logs()}")
+
+    # Each series analysed exactly once: one job each, SUCCEEDED, one result.
+    jobs = cluster.jobs()
+    assert len(jobs) == SERIES_COUNT
+    assert all(j.status == JobStatus.SUCCEEDED for j in jobs), [(j.id, j.status, j.error) for j in jobs]
+    assert len({j.series_id for j in jobs}) == SERIES_COUNT
+    results = [r for r in _rows(cluster, Result) if isinstance(r, Result)]
+    assert sorted(r.job_id for r in results) == sorted(j.id for j in jobs)
+
+    # The killed host's job: its lease expired, it was claimed again by a surviving host and finished there.
+    by_id = {j.id: j for j in jobs}
+    assert by_id[victim_job_id].attempts == 2
+    assert all(j.attempts == 1 for j in jobs if j.id != victim_job_id)
+    claims = [e.detail["owner"] for e in _events(cluster, "job_claimed") if e.job_id == victim_job_id]
+    assert claims[0] == victim_owner and len(claims) == 2 and claims[1] in owners - {victim_owner}
+    expired = [e for e in _events(cluster, "job_lease_expired") if e.job_id == victim_job_id]
+    assert len(expired) == 1 and expired[0].detail["owner"] == victim_owner
+    finished_by = {e.job_id: e.detail["owner"] for e in _events(cluster, "job_succeeded")}
+    assert finished_by[victim_job_id] != victim_owner
+    assert set(finished_by.values()) <= owners and len(set(finished_by.values())) >= 2  # the work was shared
+
+    # One report set per series at PACS, every object once, only the objects of the finishing attempt.
+    outputs = [o for o in _rows(cluster, Output) if isinstance(o, Output)]
+    assert sorted(Counter(o.job_id for o in outputs).values()) == [2] * SERIES_COUNT  # SR + one SC (key_slices 1)
+    received = pacs.received_uids
+    assert len(received) == len(set(received)), "an object reached PACS twice"
+    assert set(received) == {o.sop_instance_uid for o in outputs}
+    reports_per_study = Counter(
+        str(ds.StudyInstanceUID) for ds in pacs.received if str(ds.SOPClassUID).startswith(SR_STORAGE_PREFIX)
+    )
+    assert reports_per_study == Counter(truth.study_instance_uid for truth in phantom_series)
+    assert {o.kind for o in outputs} == {OutputKind.SR, OutputKind.SC}
+
+    # Everything lives on the shared spool: received instances and every host's outbox.
+    for output in outputs:
+        assert (cluster.spool / output.path).is_file()
+    assert (cluster.spool / "incoming").is_dir()
+    assert not [p for h in cluster.hosts for p in Path(h.workdir).rglob("*.dcm")]  # nothing outside the share
+
+    # Three worker processes registered; the killed one never said it stopped.
+    workers = {w.id: w for w in _rows(cluster, Worker) if isinstance(w, Worker)}
+    assert owners <= set(workers)
+    assert workers[victim_owner].stopped_at is None
