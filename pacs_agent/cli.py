@@ -531,6 +531,7 @@ def retry(
 def cancel(
     job_id: Annotated[int, typer.Argument(help="The job to cancel.")],
     config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Cancel a QUEUED or RUNNING job (a running worker drops its result)."""
     from pacs_agent.queue import JobNotFoundError, cancel_job
@@ -545,7 +546,10 @@ def cancel(
             raise UsageError(str(exc)) from None
         except QueueError as exc:
             raise OperationFailed(str(exc)) from None
-    typer.echo(f"job {job_id} {state}")
+    if as_json:
+        _print_json({"job_id": job_id, "status": state})
+    else:
+        typer.echo(f"job {job_id} {state}")
 
 
 @app.command()
@@ -592,7 +596,7 @@ def analyze(
     raise typer.Exit(run_analyze(settings, directory, out_dir=out, checkpoint=checkpoint, as_json=as_json))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
 def demo(ctx: typer.Context) -> None:
     """Run the whole loop on this machine with a built-in PACS and synthetic CTPAs."""
     try:

@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Job, JobStatus, Series, SeriesState, Worker, utcnow
@@ -226,20 +226,36 @@ def heartbeat(
         return held
 
 
+def _lock_rows(session: Session, *conditions: ColumnElement[bool]) -> int:
+    """Take the write lock on the matching job rows before reading them; returns how many match.
+
+    A no-op UPDATE is the one statement that locks on every backend: SQLite's driver starts the
+    write transaction (and waits for the lock) at the first UPDATE, PostgreSQL locks the rows it
+    updates. Everything read after it is current, so a cancel cannot race a completion.
+    """
+    result = session.execute(
+        update(Job).where(*conditions).values(priority=Job.priority).execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def _locked_job(session: Session, job_id: int) -> Job:
-    stmt = select(Job).where(Job.id == job_id)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    job = session.scalars(stmt).first()
+    if not _lock_rows(session, Job.id == job_id):
+        raise JobNotFoundError(f"job {job_id} does not exist")
+    job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         raise JobNotFoundError(f"job {job_id} does not exist")
     return job
 
 
 def _held_job(session: Session, job_id: int, owner: str) -> Job:
-    job = _locked_job(session, job_id)
-    if job.status != JobStatus.RUNNING or job.lease_owner != owner:
-        raise LeaseLostError(f"job {job_id} is {job.status} and no longer held by {owner}; its result is dropped")
+    if not _lock_rows(session, Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner):
+        job = session.get(Job, job_id, populate_existing=True)
+        state = job.status if job is not None else "gone"
+        raise LeaseLostError(f"job {job_id} is {state} and no longer held by {owner}; its result is dropped")
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise LeaseLostError(f"job {job_id} vanished")
     return job
 
 
@@ -381,9 +397,10 @@ def recover_expired_leases(session_factory: sessionmaker[Session], *, now: datet
     now = now or utcnow()
     recovered: list[int] = []
     with transaction(session_factory) as session:
-        stmt = select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now).order_by(Job.id)
-        if session.get_bind().dialect.name == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
+        expired = (Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        if not _lock_rows(session, *expired):
+            return recovered
+        stmt = select(Job).where(*expired).order_by(Job.id).execution_options(populate_existing=True)
         for job in session.scalars(stmt).all():
             owner = job.lease_owner or ""
             if job.attempts >= job.max_attempts:
