@@ -333,6 +333,13 @@ def latin1_bytes_without_character_set(workdir: Path, seed: int) -> Sent:
     return _one(series)
 
 
+def invalid_birth_date(workdir: Path, seed: int) -> Sent:
+    series = phantom(workdir, seed)
+    for ds in series:
+        ds.PatientBirthDate = "19471399"  # month 13, day 99
+    return _one(series)
+
+
 def huge_private_tag(workdir: Path, seed: int) -> Sent:
     series = phantom(workdir, seed)
     block = series[0].private_block(0x0011, "PE FAULT TEST", create=True)
@@ -464,6 +471,7 @@ CASES: tuple[Case, ...] = (
     Case("utf8_character_set", utf8_character_set, OK, frozenset({ANALYSED}), "ISO_IR 192 with Japanese and accented text"),
     Case("unknown_character_set", unknown_character_set, OK, frozenset({ANALYSED}), "SpecificCharacterSet ISO_IR 999"),
     Case("latin1_bytes_without_character_set", latin1_bytes_without_character_set, OK, frozenset({ANALYSED}), "8-bit bytes with no character set"),
+    Case("invalid_birth_date", invalid_birth_date, OK, frozenset({ANALYSED}), "PatientBirthDate 19471399 (not a date)"),
     Case("huge_private_tags", huge_private_tag, OK, frozenset({ANALYSED}), "24 MB and 2 MB private OB elements"),
     Case("zero_length_elements", zero_length_elements, OK, ALL_STATES, "zero-length PixelSpacing, SliceThickness, rescale, names"),
     Case("study_uid_disagrees", study_uid_disagrees, OK, ALL_STATES, "half the slices name another study"),

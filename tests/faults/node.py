@@ -334,6 +334,8 @@ class SendResult:
     established: bool
     statuses: tuple[int | None, ...]
     rejected: bool = False
+    #: How many times the sender opened a new association to finish after one died mid-way.
+    resumed: int = 0
 
 
 def _context_of(item: Dataset | Path) -> tuple[str, str]:
@@ -354,10 +356,18 @@ def send(
     ae_title: str = AGENT_AE_TITLE,
     release: bool = True,
     timeout: float = 30.0,
+    resume: bool = True,
 ) -> SendResult:
-    """C-STORE datasets or Part 10 files over one association. A file is sent as its raw bytes after the
-    file meta (pynetdicom does not decode it), so damaged files reach the peer as they are. Presentation
-    contexts: each SOP class with the transfer syntaxes of what is sent plus the uncompressed ones."""
+    """C-STORE datasets or Part 10 files. A file is sent as its raw bytes after the file meta (pynetdicom
+    does not decode it), so damaged files reach the peer as they are. Presentation contexts: each SOP
+    class with the transfer syntaxes of what is sent plus the uncompressed ones.
+
+    ``resume``: when an association dies mid-way, open another and send the rest from the instance
+    that got no status, as a PACS retries (up to 3 times). pynetdicom's SCU can miss a C-STORE
+    response on a saturated machine (its reactor thread takes it; the send then waits for the DIMSE
+    timeout and aborts), which is a sender problem, not the receiver's. ``release=False`` aborts the
+    association after the last item instead of releasing it (a sender that goes away).
+    """
     entries = list(items)
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -369,27 +379,38 @@ def send(
             contexts.add((sop_class or CT_IMAGE_STORAGE, candidate))
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
-    if not assoc.is_established:
-        return SendResult(False, (), rejected=assoc.is_rejected)
-    set_nodelay(assoc)
     statuses: list[int | None] = []
+    resumed = 0
     chunked = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True  # files go out as their raw bytes, undecoded
     try:
-        for item in entries:
+        while True:
+            assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
             if not assoc.is_established:
-                break  # the peer aborted: the rest gets no status
-            status = assoc.send_c_store(item)
-            statuses.append(int(status.Status) if status and "Status" in status else None)
+                if not statuses:
+                    return SendResult(False, (), rejected=assoc.is_rejected)
+                break
+            set_nodelay(assoc)
+            try:
+                for item in entries[len(statuses):]:
+                    if not assoc.is_established:
+                        break
+                    status = assoc.send_c_store(item)
+                    if not status or "Status" not in status:
+                        break  # no answer: the association is gone
+                    statuses.append(int(status.Status))
+            finally:
+                if assoc.is_established:
+                    if release:
+                        assoc.release()
+                    else:
+                        assoc.abort()
+            if len(statuses) == len(entries) or not resume or resumed >= 3:
+                break
+            resumed += 1
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = chunked
-        if assoc.is_established:
-            if release:
-                assoc.release()
-            else:
-                assoc.abort()
-    return SendResult(True, tuple(statuses) + (None,) * (len(entries) - len(statuses)))
+    return SendResult(True, tuple(statuses) + (None,) * (len(entries) - len(statuses)), resumed=resumed)
 
 
 def set_nodelay(assoc: Any) -> None:
