@@ -2,7 +2,8 @@
 a pynetdicom storage SCP as PACS, the tiny random model.
 
 One long scenario (the node starts once; starting torch in a spawned worker is the slow part):
-CTPA in -> SR + SC back in the source study, dciodvfy-clean; the same series sent twice gives one
+CTPA in -> SR + SC back in the source study, dciodvfy-clean; a path-traversal UID refused with
+nothing written outside the spool; the same series sent twice gives one
 job; a head CT without contrast is ignored with its reason; an unknown calling AE is rejected;
 PACS down -> deliveries retried and completed once it is back; reprocess -> a new SR that
 references the old one; worklist flag consistent with the stored labels; HTTP endpoints; SIGTERM
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +226,23 @@ def test_node_end_to_end(tmp_path: Path, node: Node, pacs: PacsSCP, capsys: pyte
     intruder.add_requested_context(CTImageStorage)
     refused = intruder.associate("127.0.0.1", node.dicom_port, ae_title="PE_AGENT")
     assert not refused.is_established and refused.is_rejected
+
+    # A path-traversal UID is refused, and nothing lands outside the spool.
+    evil = pydicom.dcmread(ctpa.files[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UID: that is the point
+        evil.StudyInstanceUID = "../../../../evil"
+    evil.SOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="PE_AGENT")
+    assert assoc.is_established
+    status = assoc.send_c_store(evil)
+    assoc.release()
+    assert status and int(status.Status) != 0
+    escaped = (tmp_path / "spool" / "incoming" / "../../../../evil").resolve()
+    assert not escaped.exists()
+    assert not [p for p in tmp_path.rglob("*") if "evil" in p.name or "1.2.3.4.5.6.7.8.9" in p.name]
 
     # CTPA and head CT arrive from the scanner.
     assert send(node.dicom_port, ctpa.files) == [0] * len(ctpa.files)
