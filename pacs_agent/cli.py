@@ -568,7 +568,10 @@ def echo(
         names = ", ".join(d.name for d in settings.destinations) or "none configured"
         raise UsageError(f"no destination named {destination!r} ({names})")
     dest = match[0]
-    result = c_echo(dest, calling_ae_title=settings.dispatch.calling_ae_title or settings.node.ae_title, timeout=timeout)
+    result = c_echo(
+        dest, calling_ae_title=settings.dispatch.calling_ae_title or settings.node.ae_title, timeout=timeout,
+        tls=settings.node.tls,
+    )
     data = {
         "destination": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
         "ok": result.ok, "status": result.status, "message": result.message, "seconds": round(result.seconds, 3),
