@@ -11,13 +11,10 @@ wait for them, exit 0.
 from __future__ import annotations
 
 import multiprocessing
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
-from collections.abc import Callable
-from types import FrameType
 
 from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +26,7 @@ from pacs_agent.logging import configure_logging, get_logger
 from pacs_agent.queue import default_owner
 from pacs_agent.settings import Settings
 from pacs_agent.worker import DEFAULT_GRACE_SECONDS, EXIT_MODEL_ERROR, EXIT_OK, EXIT_STARTUP_ERROR, worker_process_main
+from pacs_agent.signals import stop_on_signals
 
 log = get_logger(__name__)
 
@@ -118,25 +116,6 @@ class WorkerPool:
         log.info("workers_stopped", exit_codes=[s.process.exitcode if s.process else None for s in self._slots])
 
 
-def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM/SIGINT set ``stop`` (main thread only); returns a function restoring the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if not stop.is_set():
-            log.info("stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
-
-
 def _migrate(settings: Settings) -> bool:
     """Bring the schema to this build's revision (serve and worker always do); False when impossible."""
     try:
@@ -156,7 +135,7 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
 
     configure_logging(settings.log)
     stop = stop_event or threading.Event()
-    restore_signals = _stop_on_signals(stop)
+    restore_signals = stop_on_signals(stop, event="stopping")
     log.info("serve_starting", settings=settings.redacted())
     if not _migrate(settings):
         restore_signals()
@@ -211,7 +190,7 @@ def run_workers(settings: Settings, *, count: int | None = None, stop_event: thr
     """`pe-agent worker`: only worker processes (scale-out), same restart and stop rules as serve."""
     configure_logging(settings.log)
     stop = stop_event or threading.Event()
-    restore_signals = _stop_on_signals(stop)
+    restore_signals = stop_on_signals(stop, event="stopping")
     n = count if count is not None else max(settings.workers.count, 1)
     log.info("workers_starting", count=n, settings=settings.redacted())
     if not _migrate(settings):

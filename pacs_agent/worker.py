@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import pydicom
@@ -47,6 +44,7 @@ from pacs_agent.queue import (
 )
 from pacs_agent.settings import Settings
 from pacs_agent.worklist import flag_for
+from pacs_agent.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from pe_model.predictor import Predictor
@@ -189,25 +187,6 @@ class WorkerContext:
         return f"failed:{status}"
 
 
-def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM/SIGINT set ``stop`` (main thread only); returns a function restoring the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if not stop.is_set():
-            log.info("worker_stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
-
-
 def _supervise(ctx: WorkerContext, run: _JobRun, stop: threading.Event, grace_seconds: float) -> None:
     """Renew the lease while the job thread works; on stop, wait ``grace_seconds`` then release."""
     settings = ctx.settings.workers
@@ -248,7 +227,7 @@ def run_worker(
     configure_logging(settings.log)
     worker_id = worker_id or default_owner()
     stop = stop_event or threading.Event()
-    restore_signals = _install_signal_handlers(stop)
+    restore_signals = stop_on_signals(stop, event="worker_stopping")
     engine = make_engine(settings.database.url)
     try:
         with log_context(worker_id=worker_id):
