@@ -16,6 +16,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "faults: long fault-injection tests, run by `make faults` (pytest -m faults)")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long fault tests run only when asked for (`-m faults`, or PE_RUN_FAULTS=1): `make test` stays short."""
+    import os
+
+    if "faults" in (config.getoption("markexpr") or "") or os.environ.get("PE_RUN_FAULTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="long fault test: run with `make faults` (pytest -m faults)")
+    for item in items:
+        if item.get_closest_marker("faults") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised checkpoint (R3D-18 width 4, input 32): fast on CPU, outputs meaningless."""
