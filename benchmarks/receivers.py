@@ -31,8 +31,8 @@ def cap_pynetdicom_sleeps(cap: float) -> None:
 
     shim = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
     shim.sleep = sleep
-    pynetdicom.association.time = shim  # type: ignore[attr-defined]
-    pynetdicom.dul.time = shim  # type: ignore[attr-defined]
+    pynetdicom.association.time = shim  # type: ignore[assignment]
+    pynetdicom.dul.time = shim  # type: ignore[assignment]
 
 
 class HandlerTiming:
@@ -90,11 +90,12 @@ def serve_bare(port: int, out_dir: Path, stop: threading.Event) -> None:
     ae = AE(ae_title="BARE_SCP")
     ae.maximum_associations = 16
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, TIMING.wrap(on_store))])
     print("ready", flush=True)
     stop.wait()
-    server.shutdown()
+    if server is not None:
+        server.shutdown()
 
 
 def serve_agent(port: int, out_dir: Path, stop: threading.Event) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.uid import UID, JPEG2000Lossless, generate_uid
 
 from pe_model.phantoms import PhantomSpec, write_phantom_series
 
@@ -129,7 +129,7 @@ def _with_uid(keyword: str, value: str) -> Callable[[Path, int], Sent]:
             uid = value if keyword != "SOPInstanceUID" else f"{value}{index}" if value.endswith(".") else value
             setattr(ds, keyword, uid)
             if keyword == "SOPInstanceUID":
-                ds.file_meta.MediaStorageSOPInstanceUID = uid
+                ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
         return Sent((tuple(series),), (str(series[0].SeriesInstanceUID),))
 
     build.__name__ = f"uid_{keyword}"
@@ -191,9 +191,9 @@ def not_a_dataset(workdir: Path, seed: int) -> Sent:
     paths = []
     for index in range(3):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
         meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
         path = workdir / f"garbage-{seed}" / f"{index}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
         ds = Dataset()
@@ -265,11 +265,11 @@ def structured_report(workdir: Path, seed: int) -> Sent:
     base = phantom(workdir, seed)[0]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.11")
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
     ds.StudyInstanceUID = base.StudyInstanceUID
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "SR"
@@ -283,11 +283,11 @@ def encapsulated_pdf(workdir: Path, seed: int) -> Sent:
     base = phantom(workdir, seed)[0]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.104.1")
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
     ds.StudyInstanceUID = base.StudyInstanceUID
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "DOC"
@@ -300,7 +300,7 @@ def mr_sop_class_in_ct_series(workdir: Path, seed: int) -> Sent:
     """MR Image Storage instances: recorded as ignored (not analysed), acknowledged with success."""
     series = phantom(workdir, seed)[:3]
     for ds in series:
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.Modality = "MR"
     return Sent((tuple(series),), (str(series[0].SeriesInstanceUID),))

@@ -341,8 +341,8 @@ class SendResult:
 def _context_of(item: Dataset | Path) -> tuple[str, str]:
     """(SOP class UID, transfer syntax UID) of a dataset, or of a Part 10 file from its file meta."""
     if isinstance(item, Path):
-        meta, _offset = split_dataset(item)
-        return str(meta.get("MediaStorageSOPClassUID", "")), str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
+        file_meta, _offset = split_dataset(item)
+        return str(file_meta.get("MediaStorageSOPClassUID", "")), str(file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
     meta = getattr(item, "file_meta", None)
     sop_class = str(item.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     return sop_class, str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian) if meta else ExplicitVRLittleEndian)

@@ -59,7 +59,7 @@ def test_fifty_concurrent_associations(make_node: Callable[..., Node], tmp_path:
         outcome.rejected = assoc.is_rejected
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
             p = assoc.acceptor.primitive
-            outcome.result = (int(p.result), int(p.result_source), int(p.diagnostic))
+            outcome.result = (int(p.result or 0), int(p.result_source or 0), int(p.diagnostic or 0))
         try:
             associated.wait()  # every association is open (or refused) before anyone sends or releases
         except threading.BrokenBarrierError:

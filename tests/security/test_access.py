@@ -35,6 +35,7 @@ def test_unknown_calling_ae_is_rejected_at_association(make_node: Callable[..., 
     assoc = ae.associate("127.0.0.1", node.port, ae_title=AGENT_AE_TITLE)
     assert assoc.is_rejected
     primitive = assoc.acceptor.primitive
+    assert primitive is not None
     # rejected-permanent (1), service user (1), calling AE title not recognised (3)
     assert (primitive.result, primitive.result_source, primitive.diagnostic) == (1, 1, 3)
     assert not send(node.port, list(truth.files), calling_ae_title="INTRUDER").established

@@ -8,7 +8,7 @@ patient name (and its components), patient ID and birth date. The same holds for
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -61,7 +61,7 @@ def _run(node: Node, pacs: PacsSCP, tmp_path: Path, *, seed: int, birth_date: st
 
 
 @pytest.fixture
-def node_and_pacs(make_node: Callable[..., Node]) -> tuple[Node, PacsSCP]:
+def node_and_pacs(make_node: Callable[..., Node]) -> Iterator[tuple[Node, PacsSCP]]:
     pacs = PacsSCP(ae_title="PACS").start()
     node = make_node(destinations=[("pacs", "PACS", pacs.port)], log={"format": "json", "level": "DEBUG"}).start()
     yield node, pacs
