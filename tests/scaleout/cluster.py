@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus
@@ -209,6 +211,10 @@ class Cluster:
         return None
 
     def stop(self) -> None:
+        """SIGTERM every host at once (each finishes or releases its job), then the receiver."""
+        for host in self.hosts:
+            host.signal_group(signal.SIGCONT)
+            host.signal_group(signal.SIGTERM)
         for host in self.hosts:
             host.stop()
         if self.receiver is not None:
@@ -218,10 +224,13 @@ class Cluster:
             self._engine = None
 
     # -- database -------------------------------------------------------------------------
-    def sessions(self) -> sessionmaker[Session]:
+    def engine(self) -> Engine:
         if self._engine is None:
             self._engine = make_engine(self.database_url)
-        return make_session_factory(self._engine)
+        return self._engine
+
+    def sessions(self) -> sessionmaker[Session]:
+        return make_session_factory(self.engine())
 
     def jobs(self) -> list[Job]:
         with self.sessions()() as session:
@@ -235,6 +244,33 @@ class Cluster:
             if row is not None:
                 session.expunge(row)
             return row
+
+    def job_row_free(self, job_id: int) -> bool:
+        """Whether a lease recovery could update job ``job_id`` now (no other transaction holds its lock).
+
+        PostgreSQL: ``SELECT ... FOR NO KEY UPDATE NOWAIT`` (the lock an UPDATE of the job takes);
+        SQLite: ``BEGIN IMMEDIATE`` (the database-wide write lock) with a short timeout.
+        """
+        engine = self.engine()
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as connection:
+                try:
+                    connection.execute(text("SELECT id FROM jobs WHERE id = :id FOR NO KEY UPDATE NOWAIT"), {"id": job_id})
+                except OperationalError:
+                    return False
+                finally:
+                    connection.rollback()
+                return True
+        database = engine.url.database or ""
+        raw = sqlite3.connect(database, timeout=0.2, isolation_level=None)
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            raw.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            raw.close()
 
     def deliveries(self) -> list[Delivery]:
         with self.sessions()() as session:
@@ -255,23 +291,30 @@ class Cluster:
         return "\n".join(parts)
 
 
-def pause_a_running_job(cluster: Cluster, *, timeout: float) -> tuple[int, WorkerHost]:
-    """Wait for a job to be RUNNING and freeze (SIGSTOP) the host that holds it, mid-job.
+def pause_a_running_job(
+    cluster: Cluster, *, timeout: float, exclude: Sequence[WorkerHost] = (), exclude_jobs: Sequence[int] = ()
+) -> tuple[int, WorkerHost]:
+    """Wait for a job (not in ``exclude_jobs``) to be RUNNING on a host not in ``exclude`` and freeze
+    (SIGSTOP) that host mid-job.
 
-    A job can finish between the read and the SIGSTOP; then the host is resumed and the next running
-    job is tried, so the host returned is frozen with the job still RUNNING under its lease.
+    A job can finish between the read and the SIGSTOP, or the host can be frozen inside a transaction
+    (holding locks); then the host is resumed and another moment is tried, so the host returned is
+    frozen with the job still RUNNING under its lease and no lock held.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        running = [j for j in cluster.jobs() if j.status == JobStatus.RUNNING and j.lease_owner]
+        running = [j for j in cluster.jobs() if j.status == JobStatus.RUNNING and j.lease_owner and j.id not in exclude_jobs]
         for job in running:
             host = cluster.host_of(str(job.lease_owner))
-            if host is None:
+            if host is None or any(host is other for other in exclude):
                 continue
             host.pause()
             again = cluster.job(job.id)
             if again is not None and again.status == JobStatus.RUNNING and again.lease_owner == job.lease_owner:
-                return job.id, host
+                # Frozen inside a transaction, the host would hold its locks (SQLite: the whole database)
+                # and nothing could take its job over: that is a different failure, not this one.
+                if cluster.job_row_free(job.id):
+                    return job.id, host
             host.resume()
         time.sleep(0.02)
     raise TimeoutError(f"no job was seen running within {timeout:.0f} s:\n{cluster.logs()}")

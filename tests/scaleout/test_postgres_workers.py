@@ -1,9 +1,10 @@
 """One receiver, three `pe-agent worker` hosts, one shared spool and one database (PostgreSQL, and SQLite).
 
 Twelve phantom series arrive by C-STORE while a worker host is killed (SIGKILL of its supervisor and
-worker) in the middle of a job: each series is analysed exactly once (one SUCCEEDED job, one result,
-one report set at PACS, no object sent twice), the killed host's job comes back when its lease
-expires and is finished by another host, and nothing the killed attempt wrote reaches PACS.
+worker) in the middle of a job and another hangs mid-job (SIGSTOP) and wakes up later: each series is
+analysed exactly once (one SUCCEEDED job, one result, one report set at PACS, no object sent twice),
+the jobs of the killed and the hung host come back when their leases expire and are finished by
+another host, and nothing the killed or the late attempt wrote reaches PACS.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _rows(cluster: Cluster, model: type[Result] | type[Output] | type[Worker]) -
         return rows
 
 
-def test_twelve_series_three_workers_one_killed_mid_job(
+def test_twelve_series_three_workers_one_killed_one_hung_mid_job(
     database_url: str, make_cluster: Callable[..., Cluster], pacs: PacsSCP, phantom_series: list[PhantomTruth]
 ) -> None:
     cluster = make_cluster(database_url, workers=3)
@@ -66,6 +67,15 @@ def test_twelve_series_three_workers_one_killed_mid_job(
     victim_job_id, victim = pause_a_running_job(cluster, timeout=90)
     victim_owner = victim.owner
     victim.kill9()
+    # A second host hangs mid-job (SIGSTOP: its database connection stays open). Its lease expires, the
+    # last host redoes the job; when the hung host wakes up its result must be dropped, not delivered.
+    hung_job_id, hung = pause_a_running_job(cluster, timeout=90, exclude=[victim], exclude_jobs=[victim_job_id])
+    hung_owner = hung.owner
+    wait_until(lambda: (job := cluster.job(hung_job_id)) is not None and job.status == JobStatus.SUCCEEDED,
+               timeout=90, what=f"the hung host's job to be finished elsewhere:\n{cluster.logs()}")
+    hung.resume()
+    wait_until(lambda: '"event": "job_result_dropped"' in hung.log_text(),
+               timeout=30, what=f"the hung host to drop its late result:\n{hung.log_tail()}")
     sender.join(timeout=120)
     assert not sender.is_alive() and not failures, failures
 
@@ -81,14 +91,18 @@ def test_twelve_series_three_workers_one_killed_mid_job(
 
     # The killed host's job: its lease expired, it was claimed again by a surviving host and finished there.
     by_id = {j.id: j for j in jobs}
-    assert by_id[victim_job_id].attempts == 2
-    assert all(j.attempts == 1 for j in jobs if j.id != victim_job_id)
-    claims = [e.detail["owner"] for e in _events(cluster, "job_claimed") if e.job_id == victim_job_id]
-    assert claims[0] == victim_owner and len(claims) == 2 and claims[1] in owners - {victim_owner}
-    expired = [e for e in _events(cluster, "job_lease_expired") if e.job_id == victim_job_id]
-    assert len(expired) == 1 and expired[0].detail["owner"] == victim_owner
+    # The hung host's job likewise, and the hung host's late result was dropped.
+    assert victim_job_id != hung_job_id
+    assert by_id[victim_job_id].attempts == by_id[hung_job_id].attempts == 2
+    assert all(j.attempts == 1 for j in jobs if j.id not in (victim_job_id, hung_job_id))
+    claimed = _events(cluster, "job_claimed")
+    expired = _events(cluster, "job_lease_expired")
     finished_by = {e.job_id: e.detail["owner"] for e in _events(cluster, "job_succeeded")}
-    assert finished_by[victim_job_id] != victim_owner
+    for job_id, owner in ((victim_job_id, victim_owner), (hung_job_id, hung_owner)):
+        claims = [e.detail["owner"] for e in claimed if e.job_id == job_id]
+        assert claims[0] == owner and len(claims) == 2 and claims[1] in owners - {owner}
+        assert [e.detail["owner"] for e in expired if e.job_id == job_id] == [owner]
+        assert finished_by[job_id] == claims[1]
     assert set(finished_by.values()) <= owners and len(set(finished_by.values())) >= 2  # the work was shared
 
     # One report set per series at PACS, every object once, only the objects of the finishing attempt.
