@@ -72,11 +72,6 @@ def _final_state(node: Node, series_instance_uid: str) -> str | None:
 
 def _outcome_param(case: Case) -> object:
     marks = []
-    if case.name == "nan_rescale_slope":
-        marks.append(pytest.mark.xfail(strict=True, reason=(
-            "pe_model.volume accepts RescaleSlope NaN: the series is analysed on a NaN volume and a report is sent; "
-            "it must fail with 'RescaleSlope/RescaleIntercept is not a finite number'"
-        )))
     if case.name == "unknown_character_set":
         marks.append(pytest.mark.xfail(strict=True, reason=(
             "pacs_agent.reports copies SpecificCharacterSet 'ISO_IR 999' and highdicom refuses it (ReportError, "
