@@ -4,7 +4,8 @@ Twelve phantom series arrive by C-STORE while a worker host is killed (SIGKILL o
 worker) in the middle of a job and another hangs mid-job (SIGSTOP) and wakes up later: each series is
 analysed exactly once (one SUCCEEDED job, one result, one report set at PACS, no object sent twice),
 the jobs of the killed and the hung host come back when their leases expire and are finished by
-another host, and nothing the killed or the late attempt wrote reaches PACS.
+another host, and nothing the killed or the late attempt wrote reaches PACS. Deliveries are claimed
+the same way: dispatchers racing on PostgreSQL send each object once.
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from pacs_agent.db.models import Event, Job, JobStatus, Output, OutputKind, Result, Worker
+from pacs_agent.db.migrate import upgrade_database
+from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, JobStatus, Output, OutputKind, Result, Series, SeriesState, Worker
+from pacs_agent.db.session import make_engine, make_session_factory, transaction
+from pacs_agent.dispatcher import dispatch_due, queue_deliveries
+from pacs_agent.reports import write_reports
+from pacs_agent.settings import OutputSettings, load_settings
 from pe_model.phantoms import PhantomTruth
 from tests.faults.node import wait_until
 from tests.scaleout.cluster import Cluster, pause_a_running_job, pe_agent, send_series
 from tests.scaleout.conftest import SERIES_COUNT
+from tests.support.ct_series import CTSeriesSpec, make_ct_series
 from tests.support.pacs_scp import PacsSCP
+from tests.support.predictions import make_prediction
 
 pytestmark = pytest.mark.slow
 
@@ -127,3 +135,49 @@ def test_twelve_series_three_workers_one_killed_one_hung_mid_job(
     workers = {w.id: w for w in _rows(cluster, Worker) if isinstance(w, Worker)}
     assert owners <= set(workers)
     assert workers[victim_owner].stopped_at is None
+
+
+@pytest.mark.postgres
+def test_concurrent_dispatchers_on_postgresql_send_each_object_once(postgres_url: str, tmp_path: Path) -> None:
+    """Deliveries are claimed like jobs (leases, SKIP LOCKED): three dispatchers racing over the same
+    due deliveries on PostgreSQL send every object exactly once, over the shared spool."""
+    engine = make_engine(postgres_url)
+    upgrade_database(postgres_url, engine)
+    factory = make_session_factory(engine)
+    with PacsSCP(ae_title="PACS") as pacs:
+        settings = load_settings(None, environ={}, overrides={
+            "storage": {"root": str(tmp_path / "shared-spool")}, "database": {"url": postgres_url},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        })
+        for _ in range(4):
+            datasets = make_ct_series(CTSeriesSpec(n_slices=6, rows=32, columns=32))
+            with transaction(factory) as session:
+                series = Series(study_instance_uid=str(datasets[0].StudyInstanceUID), series_instance_uid=str(datasets[0].SeriesInstanceUID),
+                                state=SeriesState.ANALYSED, instance_count=len(datasets))
+                session.add(series)
+                session.flush()
+                job = Job(series_id=series.id, status=JobStatus.SUCCEEDED, reason="received")
+                session.add(job)
+                session.flush()
+                produced = write_reports(make_prediction(datasets, n_key_images=2), datasets, OutputSettings(key_slices=2),
+                                         settings.spool_root / "outbox" / str(job.id))
+                queue_deliveries(session, job, produced, settings.destinations, settings.spool_root)
+        barrier = threading.Barrier(3)
+        sent: dict[str, int] = {}
+
+        def dispatcher(owner: str) -> None:
+            barrier.wait()
+            sent[owner] = dispatch_due(factory, settings, owner=owner)
+
+        threads = [threading.Thread(target=dispatcher, args=(f"receiver-{i}/dispatch",)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        pacs.wait_for(12, timeout=20)
+    with factory() as session:
+        deliveries = list(session.scalars(select(Delivery)))
+    engine.dispose()
+    assert sum(sent.values()) == 12 and len(deliveries) == 12
+    assert len(pacs.requests) == 12 and len(set(pacs.received_uids)) == 12
+    assert all(d.status == DeliveryStatus.DELIVERED and d.attempts == 1 for d in deliveries)
