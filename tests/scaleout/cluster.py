@@ -159,13 +159,14 @@ class Cluster:
     def spool(self) -> Path:
         return self.root / "shared-spool"
 
-    def config_for(self, workdir: Path, *, workers_count: int, port: int) -> dict[str, Any]:
-        """The config of one machine: its own port and log, the shared spool and database."""
+    def config_for(self, workdir: Path, *, workers_count: int, port: int, spool: Path | None = None) -> dict[str, Any]:
+        """The config of one machine: its own port and log, the shared spool (where this machine mounts
+        it: ``spool``, default the receiver's path) and the database."""
         config = node_config(
             workdir, port=port, checkpoint=self.checkpoint, destinations=[("pacs", "PACS", self.destination_port)],
         )
         return merge(config, {
-            "storage": {"root": str(self.spool)},
+            "storage": {"root": str(spool or self.spool)},
             "database": {"url": self.database_url},
             "workers": {**self.worker_settings, "count": workers_count},
             "dispatch": {"poll_seconds": 0.2},
@@ -191,13 +192,19 @@ class Cluster:
         self.receiver.start(timeout=60)
         return self.receiver
 
-    def start_workers(self, count: int | None = None, *, wait: bool = True, timeout: float = 120.0) -> list[WorkerHost]:
-        """Start ``count`` (default ``workers``) more worker hosts; wait until each has loaded the model."""
+    def start_workers(
+        self, count: int | None = None, *, wait: bool = True, timeout: float = 120.0, spools: Sequence[Path] = ()
+    ) -> list[WorkerHost]:
+        """Start ``count`` (default ``workers``) more worker hosts; wait until each has loaded the model.
+
+        ``spools``: where each new host mounts the shared spool (default: the receiver's path).
+        """
         new = []
-        for _ in range(self.workers if count is None else count):
+        for i in range(self.workers if count is None else count):
             index = len(self.hosts) + 1
             workdir = self.root / f"worker-{index}"
-            host = WorkerHost(f"worker-{index}", workdir, self.config_for(workdir, workers_count=1, port=0))
+            spool = spools[i] if i < len(spools) else None
+            host = WorkerHost(f"worker-{index}", workdir, self.config_for(workdir, workers_count=1, port=0, spool=spool))
             self.hosts.append(host.start())
             new.append(host)
         if wait:
