@@ -25,6 +25,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (minutes; results table in docs/BENCHMARKS.md). BENCH_ARGS passes options to benchmarks.run.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Long fault-injection tests (kill -9 at random points, ...) on top of those in make test.
+faults: $(STAMP)
+	PE_RUN_FAULTS=1 $(PY) -m pytest tests/faults tests/security $(PYTEST_ARGS)
+
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
