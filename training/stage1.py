@@ -21,7 +21,7 @@ import structlog
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from pe_model.labels import EXAM_LABELS
@@ -56,8 +56,20 @@ class Stage1Config:
     #: Clot labels (location, chronicity) are targets only on positive chunks. The head is dropped
     #: after training; it only teaches the features where and what the clot is.
     aux_exam_weight: float = 0.0
+    #: With ``positive_fraction``: this share of the negatives is drawn from PE-negative exams at
+    #: the same relative height (chunk index / chunks) as a drawn PE chunk, so the network must
+    #: see the clot itself rather than the anatomy of the level where clots sit.
+    matched_negative_fraction: float = 0.0
+    #: Weight of a second, training-only PE logit read from the *maximum* of the layer4 maps
+    #: (multiple-instance style). A small clot is diluted 1:200 by global average pooling; the max
+    #: head's gradient goes to where the clot is, so the maps learn a localised clot detector that
+    #: the average-pooled classifier (and Grad-CAM) then read. 0 = off (the seed).
+    max_head_weight: float = 0.0
     num_workers: int = 0
     seed: int = 0
+    #: Validate on at most this many chunks each epoch (every positive chunk first, then evenly
+    #: spaced negatives); None: every validation chunk, as the seed.
+    validation_chunks: int | None = None
     #: A torchvision r3d_18 state-dict file (Kinetics) to start from (width 64 only).
     init_weights: str | None = None
     amp: bool = True
@@ -119,15 +131,22 @@ class ChunkDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
         index: list[tuple[str, int]] = []
         labels: list[int] = []
         aux: list[np.ndarray] = []
+        positions: list[float] = []
+        negative_exam: list[bool] = []
         for key in keys:
             entry = cache.entries[key]
             exam = np.array([entry.exam_labels[name] for name in EXAM_LABELS], dtype=np.float32)
             for c, label in enumerate(entry.chunk_labels):
                 index.append((key, c))
                 labels.append(int(label))
+                positions.append((c + 0.5) / max(entry.num_chunks, 1))
+                negative_exam.append(not entry.pe_present)
                 aux.append(exam if label else np.where(_CLOT_MASK, 0.0, exam).astype(np.float32))
         self.index = index
         self.labels = np.asarray(labels, dtype=np.int64)
+        #: Relative height of each chunk in its exam (0 = first chunk) and whether its exam is PE-negative.
+        self.positions = np.asarray(positions, dtype=np.float64)
+        self.negative_exam = np.asarray(negative_exam, dtype=bool)
         self.aux_targets = np.stack(aux) if aux else np.zeros((0, len(EXAM_LABELS)), dtype=np.float32)
 
     def __len__(self) -> int:
@@ -153,8 +172,14 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, labels: np.ndarray, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 positive_fraction: float | None = None, samples_per_epoch: int | None = None) -> None:
+                 positive_fraction: float | None = None, samples_per_epoch: int | None = None,
+                 positions: np.ndarray | None = None, negative_exam: np.ndarray | None = None,
+                 matched_negative_fraction: float = 0.0, match_window: float = 0.05) -> None:
         self.labels = np.asarray(labels)
+        self.positions = positions
+        self.negative_exam = negative_exam
+        self.matched_negative_fraction = matched_negative_fraction
+        self.match_window = match_window
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
@@ -175,12 +200,40 @@ class EpochSampler(Sampler[int]):
             n_pos = int(round(self.samples_per_epoch * self.positive_fraction)) if len(positives) else 0
             n_neg = self.samples_per_epoch - n_pos
             pos = rng.choice(positives, n_pos, replace=n_pos > len(positives)) if n_pos else positives[:0]
-            neg = (rng.choice(negatives, n_neg, replace=n_neg > len(negatives))
-                   if len(negatives) and n_neg else negatives[:0])
+            n_matched = self._matched_count(n_neg, len(pos))
+            neg = (rng.choice(negatives, n_neg - n_matched, replace=n_neg - n_matched > len(negatives))
+                   if len(negatives) and n_neg - n_matched else negatives[:0])
+            if n_matched:
+                neg = np.concatenate([neg, self._matched_negatives(rng, pos, n_matched)])
             order = rng.permutation(np.concatenate([pos, neg]))
         per_rank = math.ceil(len(order) / self.world_size)
         padded = np.resize(order, per_rank * self.world_size) if len(order) else order
         return padded[self.rank::self.world_size]
+
+    def _matched_count(self, n_neg: int, n_pos: int) -> int:
+        if self.positions is None or self.negative_exam is None or not n_pos or self.matched_negative_fraction <= 0:
+            return 0
+        if not np.any(self.negative_exam & (self.labels == 0)):
+            return 0
+        return int(round(n_neg * self.matched_negative_fraction))
+
+    def _matched_negatives(self, rng: np.random.Generator, positives: np.ndarray, count: int) -> np.ndarray:
+        """Chunks of negative exams at about the relative height of randomly chosen drawn positives."""
+        assert self.positions is not None and self.negative_exam is not None
+        pool = np.flatnonzero(self.negative_exam & (self.labels == 0))
+        order = np.argsort(self.positions[pool], kind="stable")
+        pool, heights = pool[order], self.positions[pool][order]
+        chosen = np.empty(count, dtype=np.int64)
+        targets = self.positions[rng.choice(positives, count)]
+        lo = np.searchsorted(heights, targets - self.match_window, side="left")
+        hi = np.searchsorted(heights, targets + self.match_window, side="right")
+        for i in range(count):
+            a, b = int(lo[i]), int(hi[i])
+            if b <= a:  # nothing that close: the nearest one
+                a = min(max(a - 1, 0), len(pool) - 1)
+                b = a + 1
+            chosen[i] = pool[int(rng.integers(a, b))]
+        return chosen
 
     def __iter__(self) -> Iterator[int]:
         return iter(int(i) for i in self._epoch_indices())
@@ -192,19 +245,33 @@ class EpochSampler(Sampler[int]):
         )
 
 
-class Stage1Net(nn.Module):
-    """The encoder plus the optional auxiliary exam-label head (one module for DDP)."""
+def validation_subset(labels: np.ndarray, limit: int) -> list[int]:
+    """At most ``limit`` indices: every positive (up to half the limit), the rest evenly spaced negatives."""
+    positives = np.flatnonzero(labels == 1)[: max(limit // 2, 1)]
+    negatives = np.flatnonzero(labels == 0)
+    room = max(limit - len(positives), 0)
+    if len(negatives) > room:
+        negatives = negatives[np.linspace(0, len(negatives) - 1, room).round().astype(int)] if room else negatives[:0]
+    return sorted(int(i) for i in np.concatenate([positives, negatives]))
 
-    def __init__(self, width: int, aux: bool) -> None:
+
+class Stage1Net(nn.Module):
+    """The encoder plus the optional training-only heads (one module for DDP)."""
+
+    def __init__(self, width: int, aux: bool, max_head: bool = False) -> None:
         super().__init__()
         self.encoder = R3D18(width=width, num_classes=1)
         self.aux = nn.Linear(self.encoder.feature_dim, len(EXAM_LABELS)) if aux else None
+        self.max_head = nn.Linear(self.encoder.feature_dim, 1) if max_head else None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """x (N, 3, D, H, W) float -> (PE logit (N,), aux logits (N, 9) or None)."""
-        features = self.encoder.features(x)
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (N, 3, D, H, W) float -> (PE logit (N,), aux logits (N, 9) or None, max-head logit (N,) or None)."""
+        maps = self.encoder.feature_maps(x)
+        features = self.encoder.pool(maps)
         logit = self.encoder.fc(features).squeeze(-1)
-        return logit, (self.aux(features) if self.aux is not None else None)
+        aux = self.aux(features) if self.aux is not None else None
+        peak = self.max_head(maps.amax(dim=(2, 3, 4))).squeeze(-1) if self.max_head is not None else None
+        return logit, aux, peak
 
 
 @dataclass(frozen=True)
@@ -277,7 +344,7 @@ def train_stage1(
     out.mkdir(parents=True, exist_ok=True)
     device = context.device
     torch.manual_seed(config.seed + context.rank)
-    net = Stage1Net(config.encoder_width, aux=config.aux_exam_weight > 0)
+    net = Stage1Net(config.encoder_width, aux=config.aux_exam_weight > 0, max_head=config.max_head_weight > 0)
     if config.init_weights:
         net.encoder.load_torchvision_state_dict(config.init_weights)
         log.info("stage1.init_weights", path=config.init_weights)
@@ -311,12 +378,16 @@ def train_stage1(
     train_set = ChunkDataset(cache, train_keys, input_size=config.input_size, train=True,
                              rotation_probability=config.rotation_probability,
                              rotation_degrees=config.rotation_degrees)
-    validation_set = ChunkDataset(cache, validation_keys, input_size=config.input_size, train=False)
+    validation_set: Dataset[Any] = ChunkDataset(cache, validation_keys, input_size=config.input_size, train=False)
+    if config.validation_chunks is not None:
+        validation_set = Subset(validation_set, validation_subset(validation_set.labels, config.validation_chunks))
     if len(train_set) == 0:
         raise TrainingError("stage 1 has no training chunk (is the cache empty?)")
     sampler = EpochSampler(train_set.labels, rank=context.rank, world_size=context.world_size,
                            seed=config.seed, positive_fraction=config.positive_fraction,
-                           samples_per_epoch=config.samples_per_epoch)
+                           samples_per_epoch=config.samples_per_epoch, positions=train_set.positions,
+                           negative_exam=train_set.negative_exam,
+                           matched_negative_fraction=config.matched_negative_fraction)
     loader_args: dict[str, Any] = {
         "num_workers": config.num_workers,
         "pin_memory": device.type == "cuda",
@@ -345,8 +416,10 @@ def train_stage1(
             x = _to_device(chunks, device)
             y = labels.to(device)
             with _autocast(device, config.amp):
-                logits, aux_logits = model(x)
+                logits, aux_logits, peak_logits = model(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            if peak_logits is not None:
+                loss = loss + config.max_head_weight * F.binary_cross_entropy_with_logits(peak_logits.float(), y)
             if aux_logits is not None:
                 loss = loss + config.aux_exam_weight * F.binary_cross_entropy_with_logits(
                     aux_logits.float(), aux_targets.to(device))

@@ -51,6 +51,10 @@ class Stage2Config:
     #: Stop after this many epochs without a better validation loss (None: run every epoch).
     patience: int | None = None
     seed: int = 0
+    #: Chunk terms are weighted 0.0736 * q_i (SEED.md), which gives the chunks of PE-negative
+    #: exams no weight at all. A floor > 0 (``0.0736 * max(q_i, floor)``) also teaches the chunk
+    #: head to stay low on negative exams, which the consistency rules read as "no PE".
+    chunk_weight_floor: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,11 +148,11 @@ class Stage2Result:
     history: tuple[dict[str, float | None], ...]
 
 
-def _batch_loss(model: nn.Module, batch: Sequence[Tensor], device: torch.device) -> Tensor:
+def _batch_loss(model: nn.Module, batch: Sequence[Tensor], device: torch.device, floor: float = 0.0) -> Tensor:
     features, mask, chunk_targets, step_weights, q, exam_targets = (t.to(device) for t in batch)
     output = model(features, mask)
     return rsna_weighted_loss(output.exam_logits, exam_targets, output.chunk_logits, chunk_targets,
-                              step_weights, q)
+                              step_weights, q.clamp_min(floor))
 
 
 @torch.inference_mode()
@@ -230,7 +234,7 @@ def train_stage2(
         total = 0.0
         batches = 0
         for batch in loader:
-            loss = _batch_loss(model, batch, device)
+            loss = _batch_loss(model, batch, device, config.chunk_weight_floor)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

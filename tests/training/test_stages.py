@@ -28,7 +28,8 @@ from training.stage2 import Stage2Config, fit_exam, load_sequence_model, predict
 from training.synthetic import PhantomRecord
 
 TINY = Stage1Config(encoder_width=4, input_size=32, epochs=1, batch_size=8, positive_fraction=0.5,
-                    samples_per_epoch=16, amp=False, aux_exam_weight=0.5)
+                    samples_per_epoch=16, amp=False, aux_exam_weight=0.5, matched_negative_fraction=0.5,
+                    max_head_weight=1.0, validation_chunks=12)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,24 @@ def test_epoch_sampler_shards_and_balances() -> None:
     assert list(balanced) != drawn
     balanced.set_epoch(0)
     assert list(balanced) == drawn
+
+
+def test_matched_negatives_come_from_negative_exams_at_the_height_of_a_clot() -> None:
+    # 100 chunks: items 0-59 belong to positive exams (PE chunks 50-54 at heights 0.85-0.92),
+    # items 60-99 to negative exams, at heights spread over 0.05-0.95.
+    labels = np.array([0] * 50 + [1] * 5 + [0] * 45)
+    heights = np.concatenate([np.linspace(0.0, 1.0, 60), np.linspace(0.05, 0.95, 40)])
+    negative_exam = np.array([False] * 60 + [True] * 40)
+    sampler = EpochSampler(labels, seed=1, positive_fraction=0.5, samples_per_epoch=200, positions=heights,
+                           negative_exam=negative_exam, matched_negative_fraction=1.0)
+    drawn = np.array(list(sampler))
+    negatives = drawn[labels[drawn] == 0]
+    assert len(negatives) == 100
+    assert np.all(negative_exam[negatives])
+    clot_heights = heights[50:55]
+    distance = np.abs(heights[negatives][:, None] - clot_heights[None, :]).min(axis=1)
+    assert np.all(distance <= 0.05)
+    assert len(set(negatives.tolist())) > 3
 
 
 def test_chunk_dataset_aux_targets(tiny_cache: tuple[SeriesCache, list[str]]) -> None:
