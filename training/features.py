@@ -92,7 +92,7 @@ def extract_features(
     device = context.device
     encoder = load_encoder(encoder_path).to(device)
     if device.type == "cuda":
-        encoder = encoder.to(memory_format=torch.channels_last_3d)
+        encoder = encoder.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     bar = tqdm(total=len(todo), desc="features", unit="exam", disable=not (progress and context.is_main))
     for key in todo:
         dataset = ChunkDataset(cache, [key], input_size=input_size, train=False)

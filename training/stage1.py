@@ -350,7 +350,7 @@ def train_stage1(
         log.info("stage1.init_weights", path=config.init_weights)
     net.to(device)
     if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last_3d)
+        net = net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -378,9 +378,11 @@ def train_stage1(
     train_set = ChunkDataset(cache, train_keys, input_size=config.input_size, train=True,
                              rotation_probability=config.rotation_probability,
                              rotation_degrees=config.rotation_degrees)
-    validation_set: Dataset[Any] = ChunkDataset(cache, validation_keys, input_size=config.input_size, train=False)
+    validation_chunks = ChunkDataset(cache, validation_keys, input_size=config.input_size, train=False)
+    validation_set: ChunkDataset | Subset[tuple[Tensor, Tensor, Tensor]] = validation_chunks
     if config.validation_chunks is not None:
-        validation_set = Subset(validation_set, validation_subset(validation_set.labels, config.validation_chunks))
+        validation_set = Subset(validation_chunks, validation_subset(validation_chunks.labels,
+                                                                      config.validation_chunks))
     if len(train_set) == 0:
         raise TrainingError("stage 1 has no training chunk (is the cache empty?)")
     sampler = EpochSampler(train_set.labels, rank=context.rank, world_size=context.world_size,
