@@ -32,7 +32,7 @@ from tests.faults.node import Node, free_port, merge, node_config, process_group
 
 #: Lease settings short enough that a dead worker's job is back in the queue within seconds.
 FAST_LEASES: dict[str, Any] = {
-    "count": 1, "poll_seconds": 0.2, "heartbeat_seconds": 0.5, "lease_seconds": 3.0,
+    "count": 1, "poll_seconds": 0.2, "heartbeat_seconds": 0.5, "lease_seconds": 4.0,
     "backoff_initial_seconds": 0.5, "backoff_max_seconds": 2.0, "max_attempts": 3,
 }
 
