@@ -156,3 +156,25 @@ def test_features_and_stage2(tiny_cache: tuple[SeriesCache, list[str]], tmp_path
             exam_probs, chunk_probs = predictions[key]
             assert exam_probs.shape == (9,) and np.all((exam_probs >= 0) & (exam_probs <= 1))
             assert chunk_probs.shape == (cache.entries[key].num_chunks,)
+
+
+def test_stage1_starts_from_a_torchvision_r3d18_state_dict(tiny_cache: tuple[SeriesCache, list[str]],
+                                                           tmp_path: Path) -> None:
+    from pe_model.errors import CheckpointError
+    from pe_model.networks.r3d18 import R3D18
+
+    cache, keys = tiny_cache
+    context = init_distributed("cpu")
+    kinetics = R3D18(width=64, num_classes=400)  # torchvision's key layout, Kinetics' 400 classes
+    torch.save(kinetics.state_dict(), tmp_path / "r3d_18.pth")
+    config = Stage1Config(encoder_width=64, input_size=32, epochs=1, batch_size=4, positive_fraction=0.5,
+                          samples_per_epoch=4, amp=False, init_weights=str(tmp_path / "r3d_18.pth"))
+    result = train_stage1(cache, keys[:2], [], config, tmp_path / "run", context=context, progress=False)
+    encoder = load_encoder(result.encoder_path)
+    assert encoder.width == 64 and encoder.fc.out_features == 1
+    # One Adam step at lr 4e-4 moves the weights only a little from the Kinetics start.
+    start = kinetics.state_dict()["stem.0.weight"]
+    assert float((encoder.state_dict()["stem.0.weight"] - start).abs().max()) < 0.01
+    narrow = Stage1Config(**{**config.to_dict(), "encoder_width": 4})
+    with pytest.raises(CheckpointError, match="width 64"):
+        train_stage1(cache, keys[:2], [], narrow, tmp_path / "narrow", context=context, progress=False)
