@@ -35,6 +35,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if parsed.get_backend_name() == "postgresql":
+        # A process frozen or killed inside a transaction must not hold job/delivery row locks for
+        # ever: PostgreSQL ends such a session after a minute, and lease recovery can proceed.
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        connect_args.setdefault(
+            "options", "-c idle_in_transaction_session_timeout=60000 -c lock_timeout=30000"
+        )
+        kwargs["connect_args"] = connect_args
     return create_engine(url, **kwargs)
 
 

@@ -72,3 +72,18 @@ def test_upgrade_matches_models_on_postgresql(postgres_url: str) -> None:
     assert diffs == []
     check_schema_at_head(engine)
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgresql_sessions_cannot_hold_locks_for_ever(postgres_url: str) -> None:
+    from sqlalchemy import text
+
+    from pacs_agent.db.session import make_engine
+
+    engine = make_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == "1min"
+            assert connection.execute(text("SHOW lock_timeout")).scalar() == "30s"
+    finally:
+        engine.dispose()
