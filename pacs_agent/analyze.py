@@ -94,10 +94,14 @@ def analyze_datasets(
     """Predict on one series and write its reports into ``out_dir``.
 
     Raises pe_model.SeriesError for a series the model cannot analyse, ReportError when writing fails.
+    The datasets' malformed demographics are repaired in place (reports.sources.repair_demographics).
     """
     from pacs_agent.reports import write_reports
+    from pacs_agent.reports.sources import repair_demographics
 
     prediction = predictor.predict(list(datasets))
+    for ds in datasets:
+        repair_demographics(ds)
     produced = write_reports(prediction, datasets, outputs, out_dir, previous_report=previous_report)
     return AnalysisOutcome(prediction=prediction, produced=tuple(produced))
 

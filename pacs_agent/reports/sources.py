@@ -10,7 +10,10 @@ import copy
 from collections.abc import Sequence
 
 import numpy as np
+import structlog
+from highdicom import SpecificCharacterSetValues
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, DT, TM
 
 from pacs_agent.errors import ReportError
 
@@ -27,12 +30,22 @@ _TYPE2_DEFAULTS: tuple[str, ...] = (
     "ReferringPhysicianName",
 )
 _PIXEL_KEYWORDS: tuple[str, ...] = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Character set of a copy whose source names a term highdicom does not know; the copy holds
+#: decoded text, which UTF-8 always encodes.
+FALLBACK_CHARACTER_SET = "ISO_IR 192"
+_TEMPORAL_PARSERS: dict[str, type] = {"DA": DA, "TM": TM, "DT": DT}
+
+_log = structlog.get_logger(__name__)
 
 
 def header(ds: Dataset) -> Dataset:
-    """A copy of ``ds`` without pixel data, with the type 2 patient/study attributes present."""
+    """A copy of ``ds`` without pixel data, with the type 2 patient/study attributes present.
+
+    The copy's demographics are repaired (see repair_demographics); the received files are left as
+    they are.
+    """
     out = Dataset()
-    for element in ds:
+    for element in ds:  # iterating decodes text with the source's character set (pydicom falls back)
         if element.keyword in _PIXEL_KEYWORDS:
             continue
         out.add(copy.deepcopy(element))
@@ -41,7 +54,58 @@ def header(ds: Dataset) -> Dataset:
     for keyword in _TYPE2_DEFAULTS:
         if keyword not in out or out[keyword].value is None:
             setattr(out, keyword, "")
+    repair_demographics(out)
     return out
+
+
+def repair_demographics(ds: Dataset) -> None:
+    """Make ``ds`` (an in-memory copy) acceptable to highdicom; the SEG takes its sources as they are.
+
+    An unknown SpecificCharacterSet term becomes ISO_IR 192 (text is decoded first, with pydicom's
+    fallback, so nothing is re-read under the new set); unparsable top-level DA/TM/DT values become
+    empty. A malformed demographic must not stop the triage of a real CTPA.
+    """
+    _repair_character_set(ds)
+    _blank_unparsable_temporal_values(ds)
+
+
+def _known_character_set(term: str) -> bool:
+    try:
+        SpecificCharacterSetValues(term)
+    except ValueError:
+        return False
+    return True
+
+
+def _repair_character_set(ds: Dataset) -> None:
+    """Replace a SpecificCharacterSet with any term highdicom refuses by ISO_IR 192."""
+    if "SpecificCharacterSet" not in ds or not ds.SpecificCharacterSet:
+        return
+    value = ds.SpecificCharacterSet
+    terms = [str(value)] if isinstance(value, str) else [str(v) for v in value]
+    if all(_known_character_set(term) for term in terms):
+        return
+    ds.walk(lambda _dataset, _element: None)  # decode every text value under the original set first
+    ds.SpecificCharacterSet = FALLBACK_CHARACTER_SET
+    _log.warning("report_character_set_replaced", sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                 fallback=FALLBACK_CHARACTER_SET)
+
+
+def _blank_unparsable_temporal_values(ds: Dataset) -> None:
+    """Empty each top-level DA/TM/DT element whose value is not a valid date/time."""
+    for element in ds:
+        parser = _TEMPORAL_PARSERS.get(element.VR)
+        if parser is None or element.value is None or element.value == "":
+            continue
+        values = [element.value] if element.VM <= 1 else list(element.value)
+        try:
+            for value in values:
+                if str(value).strip():
+                    parser(str(value).strip())
+        except (ValueError, TypeError, OverflowError):
+            element.value = ""
+            _log.warning("report_invalid_date_blanked", sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                         attribute=element.keyword)
 
 
 def evidence_headers(source_datasets: Sequence[Dataset]) -> list[Dataset]:

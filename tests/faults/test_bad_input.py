@@ -71,18 +71,7 @@ def _final_state(node: Node, series_instance_uid: str) -> str | None:
 
 
 def _outcome_param(case: Case) -> object:
-    marks = []
-    if case.name == "unknown_character_set":
-        marks.append(pytest.mark.xfail(strict=True, reason=(
-            "pacs_agent.reports copies SpecificCharacterSet 'ISO_IR 999' and highdicom refuses it (ReportError, "
-            "job FAILED): an unknown character set in a CTPA must not stop its triage"
-        )))
-    if case.name == "invalid_birth_date":
-        marks.append(pytest.mark.xfail(strict=True, reason=(
-            "pacs_agent.reports: building the SR parses PatientBirthDate '19471399' as a date and fails "
-            "(ReportError 'month must be in 1..12', job FAILED): a malformed demographic must not stop triage"
-        )))
-    return pytest.param(case, id=case.name, marks=marks)
+    return pytest.param(case, id=case.name)
 
 
 @pytest.mark.parametrize("case", [_outcome_param(c) for c in CASES])
