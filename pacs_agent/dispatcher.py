@@ -11,10 +11,11 @@ Each round opens one association per destination and sends all of its due object
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,7 +38,7 @@ from pacs_agent.db.session import transaction
 from pacs_agent.errors import DeliveryError
 from pacs_agent.events import record_event
 from pacs_agent.logging import get_logger
-from pacs_agent.queue import Backoff
+from pacs_agent.queue import Backoff, owner_process, process_alive
 from pacs_agent.reports import ProducedObject
 from pacs_agent.settings import Destination, Settings, TLSSettings
 
@@ -180,6 +181,53 @@ def _source_series_uid(session: Session, job_id: int) -> str:
     return job.series.series_instance_uid if job is not None and job.series is not None else ""
 
 
+def release_deliveries_of_dead_local_dispatchers(
+    session_factory: sessionmaker[Session],
+    *,
+    now: datetime | None = None,
+    hostname: str | None = None,
+    alive: Callable[[int], bool] = process_alive,
+) -> list[int]:
+    """SENDING deliveries leased to a dispatcher process of THIS host that no longer exists -> PENDING.
+
+    Run at serve start-up: without it a crash leaves its reports waiting LEASE_SECONDS. Owners are
+    ``host:pid/dispatch`` (queue.default_owner of the serve process); other hosts' leases are never
+    touched (scale-out: they expire as usual). The interrupted attempt is not counted.
+    """
+    now = now or utcnow()
+    host = hostname or socket.gethostname()
+    released: list[int] = []
+    with transaction(session_factory) as session:
+        sending = select(Delivery).where(Delivery.status == DeliveryStatus.SENDING).order_by(Delivery.id)
+        if session.get_bind().dialect.name == "postgresql":
+            sending = sending.with_for_update(skip_locked=True)
+        for delivery in session.scalars(sending).all():
+            owner = delivery.lease_owner or ""
+            parsed = owner_process(owner)
+            if parsed is None or parsed[0] != host or alive(parsed[1]):
+                continue
+            # The guarded UPDATE skips a row another process took over since it was read.
+            moved = session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery.id, Delivery.status == DeliveryStatus.SENDING, Delivery.lease_owner == owner)
+                .values(status=DeliveryStatus.PENDING, lease_owner=None, lease_expires_at=None, next_attempt_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if not int(moved.rowcount or 0):  # type: ignore[attr-defined]
+                continue
+            output = session.get(Output, delivery.output_id)
+            job_id = output.job_id if output is not None else None
+            record_event(
+                session, entity="delivery", entity_id=delivery.id, kind="delivery_lease_released",
+                from_state=DeliveryStatus.SENDING, to_state=DeliveryStatus.PENDING,
+                series_instance_uid=_source_series_uid(session, job_id) if job_id is not None else "",
+                job_id=job_id, destination=delivery.destination, owner=owner,
+                reason="dispatcher process is gone",
+            )
+            released.append(delivery.id)
+    return released
+
+
 # -- dispatching ---------------------------------------------------------------------------------
 def _claim(session_factory: sessionmaker[Session], owner: str, now: datetime, lease_seconds: float) -> list[_Item]:
     """Atomically lease due deliveries (PENDING and due, or SENDING with an expired lease) to ``owner``."""
@@ -282,6 +330,18 @@ def _status_outcome(status: Dataset) -> _Outcome:
     return _Outcome(delivered=False, status=code, error=f"C-STORE {category.lower()} 0x{code:04X}" + (f": {comment}" if comment else ""))
 
 
+def _no_delay(assoc: Association) -> None:
+    """Turn Nagle off on the association's socket: otherwise each C-STORE stalls ~40 ms on a delayed ACK."""
+    transport = assoc.dul.socket
+    raw = transport.socket if transport is not None else None
+    if raw is None:
+        return
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        log.warning("tcp_nodelay_not_set", error=str(exc))
+
+
 def _send_to(
     destination: Destination, items: Sequence[_Item], settings: Settings, spool_root: Path
 ) -> dict[int, _Outcome]:
@@ -329,6 +389,7 @@ def _send_to(
         for item, _, _ in ready:
             outcomes[item.delivery_id] = _Outcome(False, None, f"{destination.name} at {destination.host}:{destination.port}: {reason}")
         return outcomes
+    _no_delay(assoc)
     try:
         for item, path, _ in ready:
             if not assoc.is_established:

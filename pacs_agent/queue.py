@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -392,6 +393,26 @@ def cancel_job(session: Session, job_id: int, *, by: str = "admin") -> Job:
     return job
 
 
+def _requeue_or_fail(session: Session, job: Job, now: datetime, *, kind: str, why: str) -> None:
+    """A RUNNING job whose worker is gone -> QUEUED (event ``kind``), or FAILED when out of attempts."""
+    owner = job.lease_owner or ""
+    if job.attempts >= job.max_attempts:
+        _fail_for_good(
+            session, job, f"worker {owner} {why} on attempt {job.attempts} of {job.max_attempts}",
+            now, lease_expired=True,
+        )
+        return
+    job.status = JobStatus.QUEUED
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.not_before = now
+    record_event(
+        session, entity="job", entity_id=job.id, kind=kind, from_state=JobStatus.RUNNING,
+        to_state=JobStatus.QUEUED, series_instance_uid=job.series.series_instance_uid, job_id=job.id,
+        owner=owner, attempts=job.attempts,
+    )
+
+
 def recover_expired_leases(session_factory: sessionmaker[Session], *, now: datetime | None = None) -> list[int]:
     """RUNNING jobs whose lease expired (worker died or hung) -> QUEUED, or FAILED when out of attempts."""
     now = now or utcnow()
@@ -402,24 +423,67 @@ def recover_expired_leases(session_factory: sessionmaker[Session], *, now: datet
             return recovered
         stmt = select(Job).where(*expired).order_by(Job.id).execution_options(populate_existing=True)
         for job in session.scalars(stmt).all():
-            owner = job.lease_owner or ""
-            if job.attempts >= job.max_attempts:
-                _fail_for_good(
-                    session, job, f"worker {owner} stopped responding (lease expired) on attempt {job.attempts} of {job.max_attempts}",
-                    now, lease_expired=True,
-                )
-            else:
-                job.status = JobStatus.QUEUED
-                job.lease_owner = None
-                job.lease_expires_at = None
-                job.not_before = now
-                record_event(
-                    session, entity="job", entity_id=job.id, kind="job_lease_expired", from_state=JobStatus.RUNNING,
-                    to_state=JobStatus.QUEUED, series_instance_uid=job.series.series_instance_uid, job_id=job.id,
-                    owner=owner, attempts=job.attempts,
-                )
+            _requeue_or_fail(session, job, now, kind="job_lease_expired", why="stopped responding (lease expired)")
             recovered.append(job.id)
     return recovered
+
+
+def owner_process(owner: str) -> tuple[str, int] | None:
+    """(hostname, pid) of a lease owner written by default_owner (``host:pid`` plus an optional
+    ``/suffix``: ``/w0`` for a pool's worker, ``/dispatch``), or None for any other format."""
+    host, sep, pid = owner.split("/", 1)[0].rpartition(":")
+    if not sep or not host or not pid.isdigit() or int(pid) <= 0:
+        return None
+    return host, int(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 checks without sending)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def release_jobs_of_dead_local_workers(
+    session_factory: sessionmaker[Session],
+    *,
+    now: datetime | None = None,
+    hostname: str | None = None,
+    alive: Callable[[int], bool] = process_alive,
+) -> list[int]:
+    """RUNNING jobs leased to a worker process of THIS host that no longer exists -> QUEUED (or FAILED).
+
+    Run at start-up so a crash does not leave jobs waiting ``workers.lease_seconds``. The worker's
+    own pid comes from its Worker row (a pool names workers after the parent's pid); without a row,
+    the pid in the owner. Other hosts' leases are never touched: they expire as usual.
+    """
+    now = now or utcnow()
+    host = hostname or socket.gethostname()
+    released: list[int] = []
+    with transaction(session_factory) as session:
+        running = (Job.status == JobStatus.RUNNING, Job.lease_owner.is_not(None))
+        if not _lock_rows(session, *running):
+            return released
+        stmt = select(Job).where(*running).order_by(Job.id).execution_options(populate_existing=True)
+        for job in session.scalars(stmt).all():
+            owner = job.lease_owner or ""
+            worker = session.get(Worker, owner)
+            if worker is not None and worker.hostname and worker.pid > 0:
+                if worker.hostname != host or alive(worker.pid):
+                    continue
+            else:
+                parsed = owner_process(owner)
+                if parsed is None or parsed[0] != host or alive(parsed[1]):
+                    continue
+            _requeue_or_fail(session, job, now, kind="job_lease_released", why="is gone (process no longer running)")
+            released.append(job.id)
+    return released
 
 
 def register_worker(session_factory: sessionmaker[Session], worker_id: str, *, pid: int | None = None) -> None:

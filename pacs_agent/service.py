@@ -18,6 +18,7 @@ from multiprocessing.context import SpawnProcess
 
 from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.migrate import upgrade_database
 from pacs_agent.db.session import make_engine, make_session_factory
@@ -127,6 +128,19 @@ def _migrate(settings: Settings) -> bool:
     return True
 
 
+def _release_leases_of_dead_local_processes(factory: sessionmaker[Session]) -> None:
+    """After a crash, hand back at once what this host's dead processes held (not after the lease)."""
+    from pacs_agent.dispatcher import release_deliveries_of_dead_local_dispatchers
+    from pacs_agent.queue import release_jobs_of_dead_local_workers
+
+    jobs = release_jobs_of_dead_local_workers(factory)
+    if jobs:
+        log.warning("jobs_of_dead_workers_released", count=len(jobs), job_ids=jobs)
+    deliveries = release_deliveries_of_dead_local_dispatchers(factory)
+    if deliveries:
+        log.warning("deliveries_of_dead_dispatcher_released", count=len(deliveries))
+
+
 def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
     """Run the node until SIGINT/SIGTERM (or ``stop_event``). Returns the exit code."""
     from pacs_agent.receiver import Receiver
@@ -151,6 +165,7 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
         reopened = recover_open_associations(factory)
         if reopened:
             log.warning("associations_recovered", count=reopened)
+        _release_leases_of_dead_local_processes(factory)
         receiver.start()
         pool.start()
         scheduler.start()

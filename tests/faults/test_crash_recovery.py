@@ -163,10 +163,6 @@ def test_kill_nine_at_random_points_loses_nothing_and_reports_once(make_node: Ca
         pacs.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pacs_agent.dispatcher leases a claimed delivery for LEASE_SECONDS = 300 s and nothing releases the "
-    "leases of a dead serve process at start-up, so reports interrupted by a crash wait 5 minutes"
-))
 def test_delivery_interrupted_by_a_crash_resumes_promptly(make_node: Callable[..., Node], tmp_path: Path) -> None:
     pacs = SlowPACS(ae_title="PACS")
     pacs.delay = 1.0
