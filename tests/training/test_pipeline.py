@@ -1,0 +1,91 @@
+"""`pe-train run --preset smoke` end to end on 8 phantom series, and the same under torchrun (DDP, gloo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pe_model.checkpoint import load_checkpoint
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("smoke-data")
+    code = main(["synthesize", "--out", str(root), "--count", "8", "--seed", "5", "--rows", "64",
+                 "--slices", "48", "--no-progress"])
+    assert code == 0
+    return root
+
+
+def test_run_smoke_end_to_end_and_rerun_skips(smoke_data: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    assert main(["run", "--data-dir", str(smoke_data), "--work-dir", str(work), "--preset", "smoke",
+                 "--device", "cpu", "--no-progress"]) == 0
+
+    split = json.loads((work / "split.json").read_text())
+    assert (len(split["train"]), len(split["validation"]), len(split["test"])) == (6, 1, 1)
+    checkpoint = load_checkpoint(work / "model.pt")
+    assert checkpoint.model_config.encoder_width == 4
+    assert checkpoint.preprocess_config_dict["input_size"] == 32  # the eval size, not the cache's 40
+    assert checkpoint.card.not_for_clinical_use
+
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    assert metrics["n_exams"] == 1 and metrics["rsna_weighted_log_loss"] > 0
+    assert metrics["consistency_violations"]["after"] == 0
+    with (work / "eval" / "submission.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["id", "label"]
+    assert len(rows) - 1 == metrics["n_images"] + 9
+    assert all(0.0 <= float(r[1]) <= 1.0 for r in rows[1:])
+    assert list((work / "eval").glob("*.png"))
+
+    # Re-running skips every finished step: the packaged model is not rewritten.
+    stamp = (work / "model.pt").stat().st_mtime_ns
+    encoder_stamp = (work / "stage1" / "encoder.pt").stat().st_mtime_ns
+    assert main(["run", "--data-dir", str(smoke_data), "--work-dir", str(work), "--preset", "smoke",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert (work / "model.pt").stat().st_mtime_ns == stamp
+    assert (work / "stage1" / "encoder.pt").stat().st_mtime_ns == encoder_stamp
+
+    # The packaged checkpoint is what `python -m pe_model predict --checkpoint` loads.
+    pytest.importorskip("pe_model.predictor")
+    from pe_model.predictor import Predictor
+
+    series_dir = next(p for p in (smoke_data / "train").glob("*/*") if p.is_dir())
+    prediction = Predictor.from_checkpoint(work / "model.pt").predict(series_dir)
+    assert prediction.model.sha256 == checkpoint.sha256
+    assert set(prediction.labels) >= {"negative_exam_for_pe", "central_pe"}
+
+
+def test_missing_dataset_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--data-dir", str(tmp_path / "nowhere"), "--work-dir", str(tmp_path / "w"),
+                 "--preset", "smoke", "--device", "cpu", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pe-train: no train.csv")
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_two_processes_on_gloo(smoke_data: Path, tmp_path: Path) -> None:
+    work = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "training.cli", "run", "--data-dir", str(smoke_data), "--work-dir", str(work),
+               "--preset", "smoke", "--device", "cpu", "--no-progress"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = __import__("torch").load(work / "stage1" / "state.pt", weights_only=True)
+    assert [h["epoch"] for h in state["history"]] == [0.0, 1.0]
+    # Each rank trained on its half: 32 samples per epoch over 2 ranks -> 16 per rank, 2 batches of 8.
+    assert load_checkpoint(work / "model.pt").model_config.encoder_width == 4
+    assert (work / "stage2" / "sequence.pt").is_file()
+    assert (work / "eval" / "metrics.json").is_file()
+    # Rank 0 alone logged progress; rank 1 only warnings.
+    assert result.stderr.count("stage1.done") == 1
