@@ -60,27 +60,135 @@ def dicom_files(directory: Path) -> list[Path]:
     )
 
 
-def read_datasets(paths: Iterable[Path], *, skip_non_dicom: bool = False) -> list[Dataset]:
-    """Read DICOM files with pixel data; patient values are registered so logs can mask them.
+@dataclass(frozen=True)
+class SourceImage:
+    """One received file: its header (read without pixel data) and the byte length of its pixel
+    data as stored (None when it has none or it is encapsulated: compressed frames)."""
+
+    path: Path
+    header: Dataset
+    pixel_data_length: int | None = None
+
+
+#: Pixel data larger than this is not read when a header is read (its length is kept).
+_DEFER_BYTES = 4096
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _read(path: Path, *, headers_only: bool) -> Dataset:
+    try:
+        return pydicom.dcmread(path, defer_size=_DEFER_BYTES) if headers_only else pydicom.dcmread(path)
+    except FileNotFoundError:
+        raise SourceReadError(f"{path} is missing from the spool") from None
+    except OSError as exc:
+        raise SourceReadError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _drop_pixel_data(ds: Dataset) -> int | None:
+    """Remove the (deferred, unread) pixel data from a header; returns its stored length."""
+    length: int | None = None
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            element = ds.get_item(keyword, keep_deferred=True)
+            stored = int(getattr(element, "length", 0) or 0) if element is not None else 0
+            length = None if stored == _UNDEFINED_LENGTH else stored
+            del ds[keyword]
+    return length
+
+
+def read_sources(paths: Iterable[Path], *, skip_non_dicom: bool = False) -> list[SourceImage]:
+    """Read the headers of DICOM files (pixel data skipped, its length kept); patient values are
+    registered so logs can mask them.
 
     ``skip_non_dicom``: ignore files that are not DICOM (a folder given by a user); otherwise any
     unreadable file is an error (the spool holds only what the receiver stored).
     """
-    datasets: list[Dataset] = []
+    sources: list[SourceImage] = []
     for path in paths:
         try:
-            ds = pydicom.dcmread(path)
+            ds = _read(path, headers_only=True)
         except InvalidDicomError:
             if skip_non_dicom:
                 continue
             raise SourceReadError(f"{path.name} is not a DICOM file") from None
-        except FileNotFoundError:
-            raise SourceReadError(f"{path} is missing from the spool") from None
-        except OSError as exc:
-            raise SourceReadError(f"{path} cannot be read: {exc.strerror or exc}") from None
+        length = _drop_pixel_data(ds)
         protect_patient_values(ds)
-        datasets.append(ds)
+        sources.append(SourceImage(path=path, header=ds, pixel_data_length=length))
+    return sources
+
+
+def _integer(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
+
+
+def check_pixel_data_lengths(sources: Sequence[SourceImage]) -> None:
+    """Refuse native pixel data whose length does not match Rows x Columns x frames x BitsAllocated.
+
+    Decoding straight from a file reads only the bytes the header announces, so a wrong
+    BitsAllocated or Rows/Columns would otherwise be analysed as a plausible-looking volume.
+    Raises pe_model's UnreadablePixelsError (the series cannot be analysed).
+    """
+    from pe_model.errors import UnreadablePixelsError
+
+    for source in sources:
+        ds, length = source.header, source.pixel_data_length
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        bits = _integer(ds, "BitsAllocated", 0)
+        if length is None or syntax is None or syntax.is_encapsulated or bits <= 0 or bits % 8:
+            continue
+        rows, columns = _integer(ds, "Rows", 0), _integer(ds, "Columns", 0)
+        frames, samples = _integer(ds, "NumberOfFrames", 1), _integer(ds, "SamplesPerPixel", 1)
+        expected = rows * columns * frames * samples * bits // 8
+        if length not in (expected, expected + expected % 2):
+            raise UnreadablePixelsError(
+                f"image {ds.get('SOPInstanceUID', source.path.name)}: pixel data holds {length} bytes, "
+                f"but {rows}x{columns}, {frames} frame(s) at {bits} bits allocated need {expected}"
+            )
+
+
+def report_datasets(prediction: Prediction, sources: Sequence[SourceImage]) -> list[Dataset]:
+    """The datasets the report writers get: headers, and full datasets for the heatmap slices only.
+
+    The SR needs headers; the SC and SEG draw on the slices of ``prediction.heatmaps`` (a few), so
+    a 600-slice series never sits in memory twice (pe_model has already read it into its volume).
+    """
+    with_pixels = {h.sop_instance_uid for h in prediction.heatmaps}
+    datasets: list[Dataset] = []
+    for source in sources:
+        if str(source.header.get("SOPInstanceUID", "")) in with_pixels:
+            try:
+                ds = _read(source.path, headers_only=False)
+            except InvalidDicomError:
+                raise SourceReadError(f"{source.path.name} is no longer a DICOM file") from None
+            datasets.append(ds)
+        else:
+            datasets.append(source.header)
     return datasets
+
+
+def analyze_sources(
+    predictor: Predictor,
+    sources: Sequence[SourceImage],
+    outputs: OutputSettings,
+    out_dir: Path,
+    *,
+    previous_report: Dataset | None = None,
+) -> AnalysisOutcome:
+    """Predict on one series from its files and write its reports into ``out_dir``.
+
+    pe_model reads the pixel data itself into one preallocated volume; only the heatmap slices
+    are read again for the SC/SEG. Raises pe_model.SeriesError for a series the model cannot
+    analyse (also for native pixel data whose length contradicts its header), SourceReadError for vanished files, ReportError when writing fails.
+    """
+    if not sources:
+        raise SourceReadError("no source images were given")
+    check_pixel_data_lengths(sources)
+    prediction = predictor.predict([source.path for source in sources])
+    return _write(prediction, report_datasets(prediction, sources), outputs, out_dir, previous_report)
 
 
 def analyze_datasets(
@@ -91,15 +199,21 @@ def analyze_datasets(
     *,
     previous_report: Dataset | None = None,
 ) -> AnalysisOutcome:
-    """Predict on one series and write its reports into ``out_dir``.
+    """Predict on one series already in memory (datasets with pixel data) and write its reports.
 
     Raises pe_model.SeriesError for a series the model cannot analyse, ReportError when writing fails.
-    The datasets' malformed demographics are repaired in place (reports.sources.repair_demographics).
     """
+    prediction = predictor.predict(list(datasets))
+    return _write(prediction, datasets, outputs, out_dir, previous_report)
+
+
+def _write(
+    prediction: Prediction, datasets: Sequence[Dataset], outputs: OutputSettings, out_dir: Path, previous_report: Dataset | None
+) -> AnalysisOutcome:
+    """Write the reports; the datasets' malformed demographics are repaired in place first."""
     from pacs_agent.reports import write_reports
     from pacs_agent.reports.sources import repair_demographics
 
-    prediction = predictor.predict(list(datasets))
     for ds in datasets:
         repair_demographics(ds)
     produced = write_reports(prediction, datasets, outputs, out_dir, previous_report=previous_report)
@@ -150,12 +264,12 @@ def run_analyze(settings: Settings, directory: Path, *, out_dir: Path | None, ch
         return 2
     out = out_dir if out_dir is not None else directory.resolve().parent / "pe_reports"
     try:
-        datasets = read_datasets(dicom_files(directory), skip_non_dicom=True)
-        if not datasets:
+        sources = read_sources(dicom_files(directory), skip_non_dicom=True)
+        if not sources:
             raise SourceReadError(f"{directory} holds no DICOM files")
         predictor = load_predictor(settings, checkpoint=checkpoint)
-        with log_context(series_instance_uid=str(getattr(datasets[0], "SeriesInstanceUID", ""))):
-            outcome = analyze_datasets(predictor, datasets, settings.outputs, out)
+        with log_context(series_instance_uid=str(getattr(sources[0].header, "SeriesInstanceUID", ""))):
+            outcome = analyze_sources(predictor, sources, settings.outputs, out)
     except (SeriesError, CheckpointError, SourceReadError) as exc:
         print(f"pe-agent: cannot analyse {directory}: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_agent.analyze import AnalysisOutcome, SourceReadError, analyze_datasets, load_predictor, read_datasets
+from pacs_agent.analyze import AnalysisOutcome, SourceReadError, analyze_sources, load_predictor, read_sources
 from pacs_agent.db.migrate import check_schema_at_head
 from pacs_agent.db.models import Instance, Job, Output, OutputKind, Result
 from pacs_agent.db.session import make_engine, make_session_factory, transaction
@@ -112,11 +112,14 @@ class WorkerContext:
             return None
 
     def analyse(self, claimed: ClaimedJob) -> AnalysisOutcome:
-        """Read the series from the spool, predict, write reports into the job's outbox folder."""
-        datasets = read_datasets(self._source_paths(claimed))
+        """Predict from the series' files in the spool, write reports into the job's outbox folder.
+
+        Headers only are kept for the reports (plus the heatmap slices): pe_model reads the pixels.
+        """
+        sources = read_sources(self._source_paths(claimed))
         out_dir = self.spool_root / "outbox" / str(claimed.job_id)
-        return analyze_datasets(
-            self.predictor, datasets, self.settings.outputs, out_dir, previous_report=self._previous_report(claimed)
+        return analyze_sources(
+            self.predictor, sources, self.settings.outputs, out_dir, previous_report=self._previous_report(claimed)
         )
 
     def store(self, claimed: ClaimedJob, outcome: AnalysisOutcome, seconds: float) -> None:
