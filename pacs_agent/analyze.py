@@ -221,7 +221,8 @@ def _write(
 
 
 def load_predictor(settings: Settings, *, checkpoint: str | None = None, processes: int = 1) -> Predictor:
-    """The model of ``settings.model`` (or ``checkpoint``), loaded once and checked by hash.
+    """The model of ``settings.model`` (or ``checkpoint``), loaded once and checked by hash, at
+    ``model.precision`` (pe_model's meaning: "auto" is bf16 autocast on CUDA, fp32 on CPU).
 
     ``processes``: how many model processes share this machine; without ``model.torch_threads``
     each gets an equal share of the cores (oversubscribed cores slow every convolution down).
@@ -235,6 +236,7 @@ def load_predictor(settings: Settings, *, checkpoint: str | None = None, process
         device=model.device,
         expected_sha256=model.checkpoint_sha256 or None,
         gradcam_top_k=settings.outputs.key_slices,
+        precision=model.precision,
         num_threads=threads,
     )
 

@@ -71,6 +71,7 @@ def test_destinations_from_environment_json() -> None:
         ("[series]\nquiet_seconds = 'soon'\n", "series.quiet_seconds: expected a number"),
         ("[node\n", "is not valid TOML"),
         ("[log]\nformat = 'xml'\n", "log.format"),
+        ("[model]\nprecision = 'fp16'\n", "model.precision: 'fp16' is not one of auto, fp32, bf16"),
     ],
 )
 def test_invalid_config_is_one_line(tmp_path: Path, text: str, message: str) -> None:
@@ -89,3 +90,18 @@ def test_redacted_hides_database_password(tmp_path: Path) -> None:
     redacted = load_settings(write(tmp_path, TOML), environ={}).redacted()
     assert redacted["database"]["url"] == "postgresql+psycopg://agent:***@db/pe"
     assert "s3cret" not in str(redacted)
+
+
+def test_model_precision_defaults_to_auto_and_reads_from_toml_and_environment(tmp_path: Path) -> None:
+    assert load_settings(None, environ={}).model.precision == "auto"
+    assert load_settings(write(tmp_path, "[model]\nprecision = 'bf16'\n"), environ={}).model.precision == "bf16"
+    assert load_settings(None, environ={"PE_AGENT__MODEL__PRECISION": "fp32"}).model.precision == "fp32"
+
+
+@pytest.mark.parametrize(("precision", "resolved"), [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")])
+def test_model_precision_reaches_the_predictor(tiny_checkpoint: Path, precision: str, resolved: str) -> None:
+    """Worker and `pe-agent analyze` load the model through load_predictor; "auto" is fp32 on CPU."""
+    from pacs_agent.analyze import load_predictor
+
+    settings = load_settings(None, environ={}, overrides={"model": {"precision": precision, "torch_threads": 1}})
+    assert load_predictor(settings, checkpoint=str(tiny_checkpoint)).precision == resolved
