@@ -24,7 +24,7 @@ import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from pe_model.errors import (
     InconsistentOrientationError,
@@ -483,6 +483,7 @@ def _decode_into(
         uid = targets[0][1].sop_instance_uid
         try:
             src = _pixel_source(sources[source_index], headers.get(source_index))
+            _check_native_length(src, headers.get(source_index), uid)
             if targets[0][1].frame_number is None:
                 frames: Iterator[np.ndarray] = iter([pydicom.pixels.pixel_array(src)])
             else:
@@ -505,6 +506,38 @@ def _decode_into(
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
             raise UnreadablePixelsError(f"cannot decode the pixel data of image {uid}: {exc}") from exc
+
+
+def _check_native_length(src: Path | Dataset, header: Dataset | None, uid: str) -> None:
+    """Refuse uncompressed pixel data whose length does not match Rows x Columns x frames x
+    BitsAllocated: pydicom would silently decode the first bytes of it (wrong BitsAllocated, pixel
+    data of another image size) into a plausible-looking but wrong image."""
+    info = header if header is not None else (src if isinstance(src, Dataset) else None)
+    if info is None:
+        return
+    meta = getattr(info, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or UID(syntax).is_compressed:
+        return
+    if isinstance(src, Dataset):
+        element = src.get_item("PixelData") if "PixelData" in src else None
+    else:
+        element = pydicom.dcmread(src, defer_size=1024).get_item("PixelData")
+    if element is None:
+        raise UnreadablePixelsError(f"image {uid} has no pixel data")
+    length = element.length if hasattr(element, "length") else len(element.value or b"")
+    expected = (
+        _int_or(info.get("Rows"), 0)
+        * _int_or(info.get("Columns"), 0)
+        * _int_or(info.get("SamplesPerPixel"), 1)
+        * _int_or(info.get("NumberOfFrames"), 1)
+        * _int_or(info.get("BitsAllocated"), 16)
+        // 8
+    )
+    if length not in (expected, expected + 1):
+        raise UnreadablePixelsError(
+            f"image {uid} has {length} bytes of pixel data; Rows x Columns x BitsAllocated needs {expected}"
+        )
 
 
 def _pixel_source(src: Path | Dataset, header: Dataset | None) -> Path | Dataset:

@@ -484,7 +484,7 @@ def test_unreadable_pixels(tmp_path: Path) -> None:
     with pytest.raises(UnreadablePixelsError, match=datasets[5].SOPInstanceUID) as info:
         load_series(datasets)
     assert "\n" not in str(info.value)
-    assert info.value.__cause__ is not None
+    assert "has 10 bytes of pixel data" in str(info.value)
 
 
 # ---- phantom series (pe_model.phantoms) -------------------------------------------------------
@@ -533,3 +533,36 @@ def test_phantom_landmark_lies_in_its_anatomy(tmp_path: Path) -> None:
         row = round(float(np.dot(offset, volume.orientation[3:])) / volume.pixel_spacing_mm[0])
         assert low <= volume.voxels[k, row, column] <= high, name
         np.testing.assert_allclose(volume.patient_position(k, row, column), point, atol=4.0)
+
+
+@pytest.mark.parametrize("defect", ["bits_allocated_8", "rows_columns_half"])
+def test_native_pixel_data_of_the_wrong_length_is_refused(tmp_path: Path, defect: str) -> None:
+    """pydicom would decode the first bytes of such pixel data into a plausible but wrong image."""
+    from pe_model.phantoms import PhantomSpec, write_phantom_series
+
+    truth = write_phantom_series(tmp_path, PhantomSpec(n_slices=12, rows=32, columns=32))
+    for victim in truth.files:  # every slice alike, so none is dropped as "another size"
+        ds = pydicom.dcmread(victim)
+        if defect == "bits_allocated_8":
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        else:
+            ds.Rows, ds.Columns = 16, 16
+        ds.save_as(victim)
+    with pytest.raises(UnreadablePixelsError, match="bytes of pixel data"):
+        load_series(tmp_path)
+
+
+def test_a_decoder_failure_is_wrapped_with_its_cause(tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    from pe_model.phantoms import PhantomSpec, write_phantom_series
+
+    truth = write_phantom_series(tmp_path, PhantomSpec(n_slices=12, rows=32, columns=32), transfer_syntax_uid=RLELossless)
+    victim = truth.files[3]
+    ds = pydicom.dcmread(victim)
+    fragment = next(generate_fragments(ds.PixelData))
+    ds.PixelData = encapsulate([fragment[:40]])  # an RLE segment cut short
+    ds.save_as(victim)
+    with pytest.raises(UnreadablePixelsError, match="cannot decode the pixel data of image") as info:
+        load_series(tmp_path)
+    assert info.value.__cause__ is not None
