@@ -14,25 +14,10 @@ import signal
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 from typing import Any
 
-
-def cap_pynetdicom_sleeps(cap: float) -> None:
-    """Make pynetdicom's reactor loops sleep at most ``cap`` seconds per idle poll (measurement only)."""
-    import pynetdicom.association
-    import pynetdicom.dul
-
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        real_sleep(min(seconds, cap))
-
-    shim = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
-    shim.sleep = sleep
-    pynetdicom.association.time = shim  # type: ignore[assignment]
-    pynetdicom.dul.time = shim  # type: ignore[assignment]
+from pacs_agent.pynetdicom_tuning import cap_pynetdicom_sleeps
 
 
 class HandlerTiming:
