@@ -117,39 +117,6 @@ def read_sources(paths: Iterable[Path], *, skip_non_dicom: bool = False) -> list
     return sources
 
 
-def _integer(ds: Dataset, keyword: str, default: int) -> int:
-    try:
-        return int(ds.get(keyword, default) or default)
-    except (TypeError, ValueError):
-        return default
-
-
-def check_pixel_data_lengths(sources: Sequence[SourceImage]) -> None:
-    """Refuse native pixel data whose length does not match Rows x Columns x frames x BitsAllocated.
-
-    Decoding straight from a file reads only the bytes the header announces, so a wrong
-    BitsAllocated or Rows/Columns would otherwise be analysed as a plausible-looking volume.
-    Raises pe_model's UnreadablePixelsError (the series cannot be analysed).
-    """
-    from pe_model.errors import UnreadablePixelsError
-
-    for source in sources:
-        ds, length = source.header, source.pixel_data_length
-        meta = getattr(ds, "file_meta", None)
-        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        bits = _integer(ds, "BitsAllocated", 0)
-        if length is None or syntax is None or syntax.is_encapsulated or bits <= 0 or bits % 8:
-            continue
-        rows, columns = _integer(ds, "Rows", 0), _integer(ds, "Columns", 0)
-        frames, samples = _integer(ds, "NumberOfFrames", 1), _integer(ds, "SamplesPerPixel", 1)
-        expected = rows * columns * frames * samples * bits // 8
-        if length not in (expected, expected + expected % 2):
-            raise UnreadablePixelsError(
-                f"image {ds.get('SOPInstanceUID', source.path.name)}: pixel data holds {length} bytes, "
-                f"but {rows}x{columns}, {frames} frame(s) at {bits} bits allocated need {expected}"
-            )
-
-
 def report_datasets(prediction: Prediction, sources: Sequence[SourceImage]) -> list[Dataset]:
     """The datasets the report writers get: headers, and full datasets for the heatmap slices only.
 
@@ -182,11 +149,10 @@ def analyze_sources(
 
     pe_model reads the pixel data itself into one preallocated volume; only the heatmap slices
     are read again for the SC/SEG. Raises pe_model.SeriesError for a series the model cannot
-    analyse (also for native pixel data whose length contradicts its header), SourceReadError for vanished files, ReportError when writing fails.
+    analyse (pe_model also refuses native pixel data whose length contradicts its header), SourceReadError for vanished files, ReportError when writing fails.
     """
     if not sources:
         raise SourceReadError("no source images were given")
-    check_pixel_data_lengths(sources)
     prediction = predictor.predict([source.path for source in sources])
     return _write(prediction, report_datasets(prediction, sources), outputs, out_dir, previous_report)
 

@@ -137,15 +137,23 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.upper() != "DICOMDIR")
 
 
+#: Header reads defer values larger than this (the pixel data): its length is kept, its bytes unread.
+_DEFER_BYTES = 4096
+
+
 def _read_file(path: Path, *, stop_before_pixels: bool) -> Dataset | None:
-    """Read one file, or None when it is not a DICOM image file (a DICOMDIR, a stray text file)."""
+    """Read one file, or None when it is not a DICOM image file (a DICOMDIR, a stray text file).
+
+    ``stop_before_pixels``: a header read; the pixel data is deferred (its length known, not read).
+    """
+    defer = _DEFER_BYTES if stop_before_pixels else None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, defer_size=defer)
     except InvalidDicomError:
         # A file without the 128-byte preamble may still be DICOM: accept it only if it parses
         # into something that names an instance.
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+            ds = pydicom.dcmread(path, defer_size=defer, force=True)
         except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
             log.info("volume.skip_non_dicom", file=path.name)
             return None
@@ -519,24 +527,17 @@ def _check_native_length(src: Path | Dataset, header: Dataset | None, uid: str) 
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None or UID(syntax).is_compressed:
         return
-    if isinstance(src, Dataset):
-        element = src.get_item("PixelData") if "PixelData" in src else None
-    else:
-        element = pydicom.dcmread(src, defer_size=1024).get_item("PixelData")
+    element = info.get_item("PixelData", keep_deferred=True) if "PixelData" in info else None
     if element is None:
         raise UnreadablePixelsError(f"image {uid} has no pixel data")
-    length = element.length if hasattr(element, "length") else len(element.value or b"")
-    expected = (
-        _int_or(info.get("Rows"), 0)
-        * _int_or(info.get("Columns"), 0)
-        * _int_or(info.get("SamplesPerPixel"), 1)
-        * _int_or(info.get("NumberOfFrames"), 1)
-        * _int_or(info.get("BitsAllocated"), 16)
-        // 8
-    )
+    length = int(element.length) if hasattr(element, "length") else len(element.value or b"")
+    rows, columns = _int_or(info.get("Rows"), 0), _int_or(info.get("Columns"), 0)
+    frames, bits = _int_or(info.get("NumberOfFrames"), 1), _int_or(info.get("BitsAllocated"), 16)
+    expected = rows * columns * _int_or(info.get("SamplesPerPixel"), 1) * frames * bits // 8
     if length not in (expected, expected + 1):
         raise UnreadablePixelsError(
-            f"image {uid} has {length} bytes of pixel data; Rows x Columns x BitsAllocated needs {expected}"
+            f"image {uid}: pixel data holds {length} bytes, but {rows}x{columns}, {frames} frame(s) "
+            f"at {bits} bits allocated need {expected}"
         )
 
 

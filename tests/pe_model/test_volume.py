@@ -484,7 +484,7 @@ def test_unreadable_pixels(tmp_path: Path) -> None:
     with pytest.raises(UnreadablePixelsError, match=datasets[5].SOPInstanceUID) as info:
         load_series(datasets)
     assert "\n" not in str(info.value)
-    assert "has 10 bytes of pixel data" in str(info.value)
+    assert "pixel data holds 10 bytes" in str(info.value)
 
 
 # ---- phantom series (pe_model.phantoms) -------------------------------------------------------
@@ -548,7 +548,7 @@ def test_native_pixel_data_of_the_wrong_length_is_refused(tmp_path: Path, defect
         else:
             ds.Rows, ds.Columns = 16, 16
         ds.save_as(victim)
-    with pytest.raises(UnreadablePixelsError, match="bytes of pixel data"):
+    with pytest.raises(UnreadablePixelsError, match="pixel data holds .* bytes, but"):
         load_series(tmp_path)
 
 
