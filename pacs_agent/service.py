@@ -10,6 +10,7 @@ wait for them, exit 0.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import threading
 import time
@@ -211,6 +212,8 @@ def run_workers(settings: Settings, *, count: int | None = None, stop_event: thr
     if not _migrate(settings):
         restore_signals()
         return EXIT_FAILURE
+    # Workers size their torch threads by workers.count: make it the number actually started.
+    settings = dataclasses.replace(settings, workers=dataclasses.replace(settings.workers, count=n))
     pool = WorkerPool(settings, n)
     code = EXIT_OK
     pool.start()
