@@ -119,7 +119,7 @@ def preset(name: str) -> Preset:
         return Preset(
             name="demo",
             cache_preprocess=PreprocessConfig(input_size=168),
-            stage1=Stage1Config(encoder_width=4, input_size=160, epochs=10, batch_size=16,
+            stage1=Stage1Config(encoder_width=4, input_size=160, epochs=16, batch_size=16,
                                 learning_rate=2e-3, positive_fraction=0.5, samples_per_epoch=600,
                                 rotation_probability=0.1, rotation_degrees=10.0, aux_exam_weight=0.3,
                                 matched_negative_fraction=0.7, max_head_weight=1.0, validation_chunks=96),
