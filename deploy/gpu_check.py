@@ -113,17 +113,17 @@ def _path_checks(torch: Any, predictor: Any) -> dict[str, Any]:
 
 
 def _analyse(predictor: Any, files: Sequence[Path], out_dir: Path, torch: Any) -> RunResult:
-    """The worker's chain on the phantom: read the files, predict, write the reports (timed)."""
-    from pacs_agent.analyze import analyze_datasets, read_datasets
+    """The worker's chain on the phantom: read the headers, predict from the files, write the reports (timed)."""
+    from pacs_agent.analyze import analyze_sources, read_sources
     from pacs_agent.settings import OutputSettings
 
     if predictor.device.type == "cuda":
         torch.cuda.synchronize(predictor.device)
     started = time.perf_counter()
-    datasets = read_datasets(files)
+    sources = read_sources(files)
     read_s = time.perf_counter() - started
     shutil.rmtree(out_dir, ignore_errors=True)
-    outcome = analyze_datasets(predictor, datasets, OutputSettings(key_slices=3), out_dir)
+    outcome = analyze_sources(predictor, sources, OutputSettings(key_slices=3), out_dir)
     if predictor.device.type == "cuda":
         torch.cuda.synchronize(predictor.device)
     analysis_s = time.perf_counter() - started
