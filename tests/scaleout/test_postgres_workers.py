@@ -111,7 +111,10 @@ def test_twelve_series_three_workers_one_killed_one_hung_mid_job(
         assert claims[0] == owner and len(claims) == 2 and claims[1] in owners - {owner}
         assert [e.detail["owner"] for e in expired if e.job_id == job_id] == [owner]
         assert finished_by[job_id] == claims[1]
-    assert set(finished_by.values()) <= owners and len(set(finished_by.values())) >= 2  # the work was shared
+    assert set(finished_by.values()) <= owners
+    # The work was shared: three hosts claimed jobs. (Which hosts *finish* jobs is a race: with one host
+    # killed and one frozen, the third may rightly finish all twelve.)
+    assert {e.detail["owner"] for e in claimed} == owners
 
     # One report set per series at PACS, every object once, only the objects of the finishing attempt.
     outputs = [o for o in _rows(cluster, Output) if isinstance(o, Output)]
