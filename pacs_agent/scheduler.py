@@ -10,6 +10,8 @@ next one tries again: the scheduler never dies with a job.
 
 from __future__ import annotations
 
+import contextlib
+
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,10 +112,10 @@ def run_retention(session_factory: sessionmaker[Session], settings: Settings, *,
 
 
 def _remove_empty(folder: Path) -> None:
-    try:
+    """Remove a study folder once its last series is purged; rmdir refuses a folder that still
+    holds other series of the study, which is the expected case, not an error."""
+    with contextlib.suppress(OSError):
         folder.rmdir()
-    except OSError:
-        pass  # not empty: other series of the study are still there
 
 
 def _guarded(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
