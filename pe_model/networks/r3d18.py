@@ -69,6 +69,11 @@ class R3D18(nn.Module):
     activations ``(N, 8 * width)`` that stage 2 consumes.
     """
 
+    #: Input voxels between neighbouring layer4 cells (slices, rows, columns): the stem strides
+    #: 2 in-plane, layers 2-4 stride 2 on every axis. Every strided conv pads ``kernel // 2``, so
+    #: cell ``j`` is centred on input voxel ``MAP_STRIDE * j``.
+    MAP_STRIDE: tuple[int, int, int] = (8, 16, 16)
+
     def __init__(self, width: int = 64, num_classes: int = 1) -> None:
         super().__init__()
         if width < 1 or num_classes < 1:

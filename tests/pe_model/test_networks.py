@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pe_model.errors import CheckpointError
-from pe_model.gradcam import grad_cam
+from pe_model.gradcam import grad_cam, upsample_to_input
 from pe_model.networks.r3d18 import R3D18, to_network_input
 from pe_model.networks.sequence import (
     SequenceConfig,
@@ -355,10 +355,8 @@ def test_grad_cam_from_kept_maps_equals_full_backward_grad_cam() -> None:
     (maps,) = captured
     assert maps.grad is not None
     weights = maps.grad.mean(dim=(2, 3, 4), keepdim=True)
-    reference = torch.relu((weights * maps).sum(1, keepdim=True)).detach()
-    reference = torch.nn.functional.interpolate(
-        reference, size=(10, 32, 32), mode="trilinear", align_corners=False
-    )[:, 0]
+    reference = torch.relu((weights * maps).sum(1)).detach()
+    reference = upsample_to_input(reference, (10, 32, 32), R3D18.MAP_STRIDE)
     peak = reference.amax(dim=(1, 2, 3), keepdim=True)
     assert float(peak.max()) > 0.0
     reference = torch.where(peak > 0, reference / peak.clamp_min(1e-12), torch.zeros_like(reference))
@@ -383,3 +381,41 @@ def test_fused_for_inference_matches_the_unfused_network() -> None:
     with torch.inference_mode():
         assert torch.allclose(fused(chunks), model(chunks), atol=1e-4)
         assert torch.allclose(fused.features(chunks), model.features(chunks), atol=1e-4)
+
+
+def test_layer4_cells_are_centred_where_the_map_stride_says() -> None:
+    """With spatially uniform kernels the input gradient of a layer4 cell is symmetric about the
+    voxel the cell is centred on; on an input of 17 x 97 x 97 the middle cell (1, 3, 3) must sit
+    on the middle voxel (8, 48, 48) = ``MAP_STRIDE * index``, not half a stride further on as
+    ``align_corners=False`` interpolation assumes."""
+    encoder = R3D18(width=2).eval()
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.fill_(1.0 / module.weight[0].numel())
+    x = torch.ones(1, 3, 17, 97, 97, requires_grad=True)
+    maps = encoder.feature_maps(x)
+    assert tuple(maps.shape[2:]) == (3, 7, 7)
+    cell = (1, 3, 3)
+    maps[0, :, cell[0], cell[1], cell[2]].sum().backward()
+    assert x.grad is not None
+    weight = x.grad.abs().sum(dim=(0, 1)).double()
+    grids = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in weight.shape), indexing="ij")
+    centroid = [float((g * weight).sum() / weight.sum()) for g in grids]
+    expected = [s * j for s, j in zip(R3D18.MAP_STRIDE, cell, strict=True)]
+    assert expected == [8, 48, 48]
+    assert centroid == pytest.approx(expected, abs=0.25)
+
+
+def test_upsampling_puts_each_cell_on_its_centre_voxel() -> None:
+    cam = torch.zeros(1, 2, 10, 10)
+    cam[0, 0, 3, 5] = 1.0
+    up = upsample_to_input(cam, (10, 160, 160), R3D18.MAP_STRIDE)
+    assert up.shape == (1, 10, 160, 160)
+    assert tuple(int(i) for i in torch.nonzero(up[0] == up.max())[0]) == (0, 48, 80)
+    assert float(up[0, 0, 56, 80]) == pytest.approx(0.5)  # half-way to the next cell centre
+    assert float(up[0, 4, 48, 80]) == pytest.approx(0.5)  # 4 of 8 slices to the next cell
+    # Beyond the last cell centre the map holds its value instead of fading.
+    edge = torch.zeros(1, 2, 10, 10)
+    edge[0, 1, 9, 9] = 1.0
+    assert float(upsample_to_input(edge, (10, 160, 160), R3D18.MAP_STRIDE)[0, 9, 159, 159]) == 1.0
