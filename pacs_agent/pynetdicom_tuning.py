@@ -1,4 +1,4 @@
-"""Cap pynetdicom's fixed 1 ms polling sleeps while a receiver runs.
+"""Make pynetdicom's reactors wait for events instead of polling, while a receiver runs.
 
 pynetdicom's reactor loops (``pynetdicom.dul`` reading the socket, ``pynetdicom.association``
 waiting for DIMSE messages) poll with ``time.sleep(0.001)`` when idle. Between two C-STOREs of a
@@ -9,28 +9,75 @@ still waits a fifth of what it did). pynetdicom has no setting for it, so the mo
 ``time`` name of those two modules is replaced by a shim whose ``sleep`` is ``min(seconds, cap)``;
 everything else is the real ``time`` module. The shim is process-wide: `SleepCap` installs it while at least one
 user holds it and puts the real module back after the last one leaves.
+
+Capped polls still spin: every idle association keeps two threads waking thousands of times a second,
+and with several senders at once those wake-ups fight for the GIL and the CPU (on 2 cores four
+concurrent senders took 3.1 times Orthanc's time). `make_event_driven` goes further for one association
+(the receiver calls it from ``EVT_CONN_OPEN``, before the association's threads start): the two idle polls
+of that association become waits that end as soon as there is work.
+
+- The DUL thread's idle poll (in ``DULServiceProvider.run_reactor``) becomes ``select()`` on the
+  association's socket and a wake-up socket pair; putting a primitive on its ``to_provider_queue`` or an
+  event on its ``event_queue`` from another thread, or ``kill_dul()``, writes a byte to the pair.
+- The association thread's idle poll (in ``Association._run_reactor``) becomes a wait on a
+  `threading.Event` that is set whenever the DUL completes a DIMSE message (``dimse.msg_queue``) or
+  hands the association an ACSE primitive (``dul.to_user_queue``: release, abort).
+
+The same call also makes the association's socket read a PDU with as few ``recv_into`` calls as the
+kernel allows, into one buffer of the PDU's size: pynetdicom's ``AssociationSocket.recv`` reads 4,096
+bytes per call and appends each piece to a bytearray, ~130 Python-level reads and copies for every
+512 x 512 CT instance.
+
+Every new association also starts with a deep copy of the server's presentation contexts, and each of
+the ~5,000 UIDs in them (every storage class times every transfer syntax) is re-validated against a
+regular expression by pydicom on the way: ~75 ms of the GIL per association. `CheaplyCopiedContexts`
+makes that copy share the (immutable) UIDs and copy only the lists.
+
+Both waits end after at most `EVENT_WAIT_MAX_SECONDS` anyway, so everything pynetdicom checks on a
+timer (ARTIM and idle timeouts, a kill flag) is still seen within that time. Only those two call sites
+change (recognised by the calling function's name); every other sleep in pynetdicom keeps the capped
+behaviour. The wrappers are instance attributes of that association's queues, so nothing outside it is
+touched.
 """
 
 from __future__ import annotations
 
+import queue
+import select
+import socket
+import sys
 import threading
 import time
 import types
+import weakref
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dul
 
 #: Longest idle poll pynetdicom may sleep while a receiver runs (seconds).
 DEFAULT_SLEEP_CAP_SECONDS = 0.0002
+#: Longest an event-driven reactor waits before it looks at its timers and flags again (seconds).
+EVENT_WAIT_MAX_SECONDS = 0.05
+#: The functions whose idle polls become event waits (pynetdicom 3.0: DUL and acceptor reactors).
+_DUL_REACTOR = "run_reactor"
+_ASSOCIATION_REACTOR = "_run_reactor"
+#: Attribute under which an event-driven association or DUL thread keeps its wait function.
+_WAIT_ATTRIBUTE = "_pe_agent_wait"
 _PATCHED_MODULES: tuple[ModuleType, ...] = (pynetdicom.association, pynetdicom.dul)
 
 
 def _capped_time(cap: float) -> types.SimpleNamespace:
     """A stand-in for the ``time`` module whose ``sleep`` never sleeps longer than ``cap``."""
     real_sleep = time.sleep
+    current_thread = threading.current_thread
 
     def sleep(seconds: float) -> None:
+        wait: Callable[[str], bool] | None = getattr(current_thread(), _WAIT_ATTRIBUTE, None)
+        if wait is not None and wait(sys._getframe(1).f_code.co_name):
+            return
         real_sleep(min(seconds, cap))
 
     shim = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
@@ -76,3 +123,137 @@ class SleepCap:
             self._users = max(0, self._users - 1)
             if self._users == 0:
                 restore_pynetdicom_sleeps()
+
+
+def _wrap_put(target: queue.Queue[Any], after: Callable[[], None]) -> None:
+    """Make ``target.put`` (and so ``put_nowait``) call ``after()`` once the item is queued."""
+    put = target.put
+
+    def put_then_signal(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        after()
+
+    target.put = put_then_signal  # type: ignore[method-assign]
+
+
+class CheaplyCopiedContexts(list):  # type: ignore[type-arg]
+    """A list of pynetdicom ``PresentationContext`` whose ``deepcopy`` shares the UID strings (``str``
+    subclasses, immutable) and copies each context's own attributes and lists: equal to a deep copy,
+    without re-validating every UID."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CheaplyCopiedContexts:
+        copies = CheaplyCopiedContexts()
+        for context in self:
+            clone = object.__new__(type(context))
+            clone.__dict__.update(
+                {name: list(value) if isinstance(value, list) else value for name, value in vars(context).items()}
+            )
+            copies.append(clone)
+        return copies
+
+
+def _whole_reads(transport: Any) -> Callable[[int], bytearray]:
+    """``AssociationSocket.recv`` (same contract: up to ``nr_bytes``, fewer only if the peer closed)
+    reading straight into one buffer of the requested size."""
+
+    def recv(nr_bytes: int) -> bytearray:
+        raw = transport.socket
+        buffer = bytearray(nr_bytes)
+        read = 0
+        with memoryview(buffer) as view:
+            while read < nr_bytes:
+                count = raw.recv_into(view[read:], nr_bytes - read)
+                if not count:
+                    break  # connection broken: return what was read, as pynetdicom does
+                read += count
+        if read < nr_bytes:
+            del buffer[read:]
+        return buffer
+
+    return recv
+
+
+def _close_pair(closed: threading.Event, *pair: socket.socket) -> None:
+    closed.set()
+    for end in pair:
+        end.close()
+
+
+def make_event_driven(assoc: Any, max_wait: float = EVENT_WAIT_MAX_SECONDS) -> None:
+    """Turn the idle polls of one not-yet-started pynetdicom association (and its DUL) into event waits.
+
+    Takes effect while the sleep shim is installed (`SleepCap`); without it pynetdicom sleeps as usual.
+    The wake-up socket pair is closed when the DUL object is collected.
+    """
+    dul = assoc.dul
+    dimse = assoc.dimse
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    closed = threading.Event()
+    association_ready = threading.Event()
+
+    def wake_dul() -> None:
+        if threading.current_thread() is dul or closed.is_set():
+            return  # the DUL thread looks at its own queues before it waits
+        try:
+            writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pair is full (a wake-up is already pending) or closed (the reactor is gone)
+
+    def wake_association() -> None:
+        association_ready.set()
+
+    def drain() -> None:
+        try:
+            while reader.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def dul_wait(caller: str) -> bool:
+        if caller != _DUL_REACTOR:
+            return False
+        drain()
+        if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
+            return True
+        transport = getattr(dul.socket, "socket", None)
+        watched: list[Any] = [reader]
+        if transport is not None:
+            pending = getattr(transport, "pending", None)
+            if pending is not None and pending():
+                return True  # TLS bytes already decrypted: select() cannot see them
+            watched.append(transport)
+        try:
+            select.select(watched, [], [], max_wait)
+        except (OSError, ValueError):
+            # The transport was closed under us: pynetdicom notices on its next look.
+            select.select([reader], [], [], max_wait)
+        return True
+
+    def association_wait(caller: str) -> bool:
+        if caller != _ASSOCIATION_REACTOR:
+            return False
+        association_ready.clear()
+        if assoc._kill or dimse.msg_queue.qsize() or dul.to_user_queue.qsize():
+            return True
+        association_ready.wait(max_wait)
+        return True
+
+    _wrap_put(dul.to_provider_queue, wake_dul)
+    _wrap_put(dul.event_queue, wake_dul)
+    _wrap_put(dul.to_user_queue, wake_association)
+    _wrap_put(dimse.msg_queue, wake_association)
+    kill_dul = dul.kill_dul
+
+    def kill_and_wake() -> None:
+        kill_dul()
+        wake_dul()
+
+    dul.kill_dul = kill_and_wake
+    weakref.finalize(dul, _close_pair, closed, reader, writer)
+    transport = dul.socket
+    if transport is not None:
+        transport.recv = _whole_reads(transport)
+    setattr(dul, _WAIT_ATTRIBUTE, dul_wait)
+    setattr(assoc, _WAIT_ATTRIBUTE, association_wait)

@@ -5,8 +5,8 @@ it arrives (``STORE_RECV_CHUNKED_DATASET``: pynetdicom writes preamble, file met
 so the file is already a Part 10 file), its header is read up to the pixel data, the UIDs are validated
 and the file is renamed into ``incoming/<study>/<series>/<sop>.dcm``. Only then is 0x0000 returned.
 No database work happens there: the handler puts a small record on an in-process queue and one writer
-thread commits whatever has accumulated in one transaction (associations opened and closed in order),
-so the database sees a few transactions per second whatever the instance rate. `Receiver.flush` waits
+thread commits what accumulates within 100 ms in one transaction (associations opened and closed in order),
+so the database sees at most ~10 transactions per second whatever the instance rate. `Receiver.flush` waits
 until everything received so far is committed. If the process dies between rename and commit, the
 start-up reconciliation finds the spool files that have no Instance row and records them.
 
@@ -18,8 +18,10 @@ Note: ``STORE_RECV_CHUNKED_DATASET`` is a pynetdicom module setting: while a rec
 every SCP in the process (it is restored when the last receiver stops). Other SCPs in the same process
 should read ``event.dataset`` (which handles it), not ``event.encoded_dataset()``. If it is off (another
 component turned it off), the receiver falls back to writing ``event.encoded_dataset()``.
-Likewise, while a receiver runs pynetdicom's 1 ms idle polls are capped at 200 us
-(pacs_agent.pynetdicom_tuning: pynetdicom polls with time.sleep(0.001), ~3.5 ms per instance).
+Likewise, while a receiver runs pynetdicom's 1 ms idle polls are capped at 200 us, and the two reactors
+of each incoming association wait for socket data or queued work instead of polling at all
+(pacs_agent.pynetdicom_tuning: pynetdicom polls with time.sleep(0.001), ~3.5 ms per instance, and
+polling threads of concurrent associations compete for the GIL).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from pacs_agent.db.session import transaction
 from pacs_agent.errors import AgentError, InvalidUIDError, StorageError
 from pacs_agent.events import record_event
 from pacs_agent.logging import PATIENT_VALUES, get_logger, protect_patient_values
-from pacs_agent.pynetdicom_tuning import SleepCap
+from pacs_agent.pynetdicom_tuning import CheaplyCopiedContexts, SleepCap, make_event_driven
 from pacs_agent.settings import Settings, TLSSettings
 from pacs_agent.storage import INSTANCE_SUFFIX, Spool, validate_uid
 
@@ -110,6 +112,8 @@ _HEADER_KEYWORDS = (
 #: Patients whose values were handed to the log mask recently (once per patient, not per instance).
 _PROTECTED_MAX = 1024
 _BATCH_MAX = 1000
+#: How long the database writer gathers records before committing them in one transaction (seconds).
+_BATCH_WINDOW_SECONDS = 0.1
 _RETRY_MAX_SECONDS = 5.0
 
 
@@ -298,9 +302,14 @@ class _Writer(threading.Thread):
                 return
             batch: list[_Record] = [first]
             stop_after = False
-            while len(batch) < _BATCH_MAX:
+            # Collect for a short window instead of committing each record as it comes: one ORM
+            # transaction per instance held the GIL for 64 % of a single sender's time (py-spy --gil),
+            # slowing the pynetdicom threads that receive. A flush request ends the window at once.
+            deadline = time.monotonic() + _BATCH_WINDOW_SECONDS
+            while len(batch) < _BATCH_MAX and not isinstance(batch[-1], _Flush):
+                remaining = deadline - time.monotonic()
                 try:
-                    item = self.records.get_nowait()
+                    item = self.records.get(timeout=remaining) if remaining > 0 else self.records.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
@@ -544,6 +553,7 @@ class Receiver:
         self._writer = _Writer(self._factory, self._spool)
         self._writer.start()
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_connection_opened),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed, ["released"]),
@@ -562,6 +572,7 @@ class Receiver:
             self._writer = None
             raise ReceiverError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from exc
         assert server is not None
+        server.contexts = CheaplyCopiedContexts(server.contexts)  # copied for every association
         self._server = server
         log.info(
             "receiver_started", ae_title=node.ae_title, host=node.host, port=self.port, tls=node.tls.enabled,
@@ -668,6 +679,12 @@ class Receiver:
     def _state(self, event: DicomEvent) -> _AssociationState | None:
         with self._lock:
             return self._associations.get(id(event.assoc))
+
+    def _on_connection_opened(self, event: DicomEvent) -> None:
+        try:
+            make_event_driven(event.assoc)
+        except Exception:  # noqa: BLE001 - the association still works, polling as pynetdicom does
+            log.exception("receiver_event_driven_setup_failed")
 
     def _on_established(self, event: DicomEvent) -> None:
         try:

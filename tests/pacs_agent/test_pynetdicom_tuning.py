@@ -1,19 +1,29 @@
-"""pynetdicom's 1 ms idle polls are capped while a Receiver runs, and restored when it stops."""
+"""pynetdicom tuning: idle polls capped while a Receiver runs (restored when it stops), the receiver's
+associations event-driven, cheap context copies and whole-PDU reads."""
 
 from __future__ import annotations
 
+import copy
+import socket
+import threading
 import time
+import types
 from collections.abc import Callable
+from pathlib import Path
 
 import pynetdicom.association
 import pynetdicom.dul
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts
 
 from pacs_agent.db.migrate import upgrade_database
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.pynetdicom_tuning import (
+    EVENT_WAIT_MAX_SECONDS,
+    CheaplyCopiedContexts,
     SleepCap,
+    _whole_reads,
     cap_pynetdicom_sleeps,
     pynetdicom_sleeps_capped,
     restore_pynetdicom_sleeps,
@@ -81,3 +91,73 @@ def test_receiver_caps_while_running_and_restores_on_stop(settings_factory: Call
         receiver.stop()
         engine.dispose()
     assert not pynetdicom_sleeps_capped()
+
+
+def _voluntary_switches(thread: threading.Thread) -> int:
+    """Voluntary context switches of one thread of this process so far (every sleep or wait is one)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_an_idle_association_waits_instead_of_polling(settings_factory: Callable[..., Settings]) -> None:
+    """Both threads of an open, idle association wake a few times a second (their bounded waits),
+    not thousands of times (pynetdicom's polling, even capped); the association still works after."""
+    settings = settings_factory()
+    engine = make_engine(settings.database.url)
+    upgrade_database(settings.database.url, engine)
+    receiver = Receiver(settings, make_session_factory(engine))
+    receiver.start()
+    try:
+        assoc = scu().associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
+        assert assoc.is_established
+        deadline = time.monotonic() + 5
+        while not receiver._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (acceptor,) = receiver._ae.active_associations
+        threads = (acceptor, acceptor.dul)
+        before = [_voluntary_switches(t) for t in threads]
+        time.sleep(1.0)
+        woken = [_voluntary_switches(t) - b for t, b in zip(threads, before, strict=True)]
+        # 1 s / EVENT_WAIT_MAX_SECONDS = 20 bounded waits each; polling at the 200 us cap would be ~5,000.
+        assert all(count <= 4 / EVENT_WAIT_MAX_SECONDS for count in woken), woken
+        study, series = generate_uid(), generate_uid()
+        assert [assoc.send_c_store(ct_slice(study, series, i)).Status for i in range(3)] == [0, 0, 0]
+        assoc.release()
+        assert assoc.is_released
+    finally:
+        receiver.stop()
+        engine.dispose()
+
+
+def test_cheaply_copied_contexts_equal_a_deep_copy_and_share_no_lists() -> None:
+    ae = AE()
+    for context in AllStoragePresentationContexts[:5]:
+        ae.add_supported_context(context.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    original = CheaplyCopiedContexts(ae.supported_contexts)
+    cheap = copy.deepcopy(original)
+    reference = copy.deepcopy(list(original))
+    assert type(cheap) is CheaplyCopiedContexts and len(cheap) == len(reference) == 5
+    for ours, theirs, source in zip(cheap, reference, original, strict=True):
+        assert vars(ours) == vars(theirs)
+        assert ours is not source and ours.transfer_syntax is not source.transfer_syntax
+    cheap[0].transfer_syntax.append(JPEGBaseline8Bit)
+    assert JPEGBaseline8Bit not in original[0].transfer_syntax
+
+
+def test_make_event_driven_reads_a_whole_pdu_with_few_reads() -> None:
+    """The socket's recv keeps pynetdicom's contract: all requested bytes, fewer only when the peer closes."""
+    local, remote = socket.socketpair()
+    try:
+        transport = types.SimpleNamespace(socket=local)
+        recv = _whole_reads(transport)
+        payload = bytes(range(256)) * 2048  # 512 KiB, more than one kernel buffer
+        sender = threading.Thread(target=remote.sendall, args=(payload,))
+        sender.start()
+        assert recv(len(payload)) == payload
+        sender.join()
+        remote.sendall(b"abc")
+        remote.close()
+        assert recv(10) == b"abc"  # peer closed: what was read, as AssociationSocket.recv returns
+    finally:
+        local.close()

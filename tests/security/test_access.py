@@ -47,6 +47,8 @@ def test_unknown_calling_ae_is_rejected_at_association(make_node: Callable[..., 
         )
         assert done.returncode != 0 and "Rejected" in done.stderr + done.stdout
     assert not list((node.spool / "incoming").rglob("*.dcm")), "an unknown caller's data was stored"
+    # The receiver commits its records in batches gathered over 100 ms.
+    wait_until(lambda: node.events(kind="association_rejected"), timeout=10, what="the rejections to be recorded")
     rejected = node.events(kind="association_rejected")
     assert rejected and {e.detail.get("calling_ae_title") for e in rejected} == {"INTRUDER"}
 
