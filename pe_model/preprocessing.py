@@ -236,28 +236,34 @@ def resample_isotropic(volume: Volume, spacing_mm: float = 1.0) -> tuple[torch.T
     gy = max(1, round(h * row_spacing / spacing_mm))
     gx = max(1, round(w * column_spacing / spacing_mm))
     source = torch.from_numpy(np.ascontiguousarray(volume.voxels, dtype=np.float32))
-    planar = torch.empty((d, gy, gx), dtype=torch.float32)
-    for b in range(0, d, _BATCH):
-        planar[b : b + _BATCH] = _resize_slices(source[b : b + _BATCH], (gy, gx))
-
     positions = volume.positions_mm
     z_count = int(math.floor((positions[-1] - positions[0]) / spacing_mm + 1e-6)) + 1
     targets = positions[0] + np.arange(z_count, dtype=np.float64) * spacing_mm
     if d == 1:
-        return planar[:1].clone(), targets[:1], np.zeros(1, dtype=np.int64)
+        return _resize_slices(source[:1], (gy, gx)), targets[:1], np.zeros(1, dtype=np.int64)
     lower = np.clip(np.searchsorted(positions, targets, side="right") - 1, 0, d - 2)
     t = (targets - positions[lower]) / (positions[lower + 1] - positions[lower])
     t = np.clip(t, 0.0, 1.0)
     nearest = np.where(t < 0.5, lower, lower + 1).astype(np.int64)
     grid = torch.empty((z_count, gy, gx), dtype=torch.float32)
-    lower_t = torch.from_numpy(lower)
     weight = torch.from_numpy(t.astype(np.float32)).view(-1, 1, 1)
+    # Each source slice is resized in-plane once, when a target first needs it, and dropped once no
+    # later target can (``lower`` never decreases): a whole in-plane-resized copy of the series is
+    # never held (for 600 x 512 x 512 at 0.7 mm that copy was 300 MB of the worker's peak).
+    resized: dict[int, torch.Tensor] = {}
     for b in range(0, z_count, _BATCH):
         sl = slice(b, b + _BATCH)
-        lo = planar.index_select(0, lower_t[sl])
-        hi = planar.index_select(0, lower_t[sl] + 1)
+        below, above = lower[sl], lower[sl] + 1
+        missing = [int(k) for k in np.union1d(below, above) if int(k) not in resized]
+        if missing:
+            fresh = _resize_slices(source[missing], (gy, gx))
+            resized.update(zip(missing, fresh.unbind(0), strict=True))
+        lo = torch.stack([resized[int(k)] for k in below])
+        hi = torch.stack([resized[int(k)] for k in above])
         grid[sl] = torch.lerp(lo, hi, weight[sl])
-    del planar
+        still_needed = int(lower[min(b + _BATCH, z_count - 1)])
+        for k in [k for k in resized if k < still_needed]:
+            del resized[k]
     return grid, targets, nearest
 
 
