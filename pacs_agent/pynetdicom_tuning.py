@@ -214,21 +214,23 @@ def make_event_driven(assoc: Any, max_wait: float = EVENT_WAIT_MAX_SECONDS) -> N
     def dul_wait(caller: str) -> bool:
         if caller != _DUL_REACTOR:
             return False
+        transport = getattr(dul.socket, "socket", None)
+        if transport is None or dul.state_machine.current_state == "Sta1":
+            # No connection (any more): the association is ending and will stop this thread by
+            # setting a flag that no queue announces, so keep pynetdicom's short (capped) poll:
+            # a rejected or finished association must leave at once, or it keeps counting
+            # against the maximum number of associations.
+            return False
         drain()
         if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
             return True
-        transport = getattr(dul.socket, "socket", None)
-        watched: list[Any] = [reader]
-        if transport is not None:
-            pending = getattr(transport, "pending", None)
-            if pending is not None and pending():
-                return True  # TLS bytes already decrypted: select() cannot see them
-            watched.append(transport)
+        pending = getattr(transport, "pending", None)
+        if pending is not None and pending():
+            return True  # TLS bytes already decrypted: select() cannot see them
         try:
-            select.select(watched, [], [], max_wait)
+            select.select([reader, transport], [], [], max_wait)
         except (OSError, ValueError):
-            # The transport was closed under us: pynetdicom notices on its next look.
-            select.select([reader], [], [], max_wait)
+            return False  # the transport was closed under us: pynetdicom notices on its next look
         return True
 
     def association_wait(caller: str) -> bool:

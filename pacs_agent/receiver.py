@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -112,6 +113,8 @@ _HEADER_KEYWORDS = (
 #: Patients whose values were handed to the log mask recently (once per patient, not per instance).
 _PROTECTED_MAX = 1024
 _BATCH_MAX = 1000
+#: pynetdicom's own association limit is set this far above node.max_associations (see `_on_requested`).
+_PYNETDICOM_ASSOCIATION_BACKSTOP = 1000
 #: How long the database writer gathers records before committing them in one transaction (seconds).
 _BATCH_WINDOW_SECONDS = 0.1
 _RETRY_MAX_SECONDS = 5.0
@@ -496,7 +499,10 @@ class Receiver:
         node = settings.node
         self._spool = Spool(settings.spool_root, node.min_free_disk_mb, fsync=settings.storage.fsync)
         self._ae = AE(ae_title=node.ae_title)
-        self._ae.maximum_associations = node.max_associations
+        # node.max_associations is enforced by `_on_requested` (exact, see there); pynetdicom's own
+        # count, which also counts associations still winding down after a rejection, only backs it up.
+        self._max_associations = node.max_associations
+        self._ae.maximum_associations = _PYNETDICOM_ASSOCIATION_BACKSTOP + node.max_associations
         self._ae.acse_timeout = node.acse_timeout
         self._ae.dimse_timeout = node.dimse_timeout
         self._ae.network_timeout = node.network_timeout
@@ -510,6 +516,8 @@ class Receiver:
         self._writer: _Writer | None = None
         self._lock = threading.Lock()
         self._associations: dict[int, _AssociationState] = {}
+        self._admission_lock = threading.Lock()
+        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()
         self._in_flight: set[Path] = set()
         self._protected: dict[str, None] = {}
         self._counters = {"stored": 0, "duplicates": 0, "ignored": 0, "rejected": 0, "associations": 0}
@@ -554,6 +562,7 @@ class Receiver:
         self._writer.start()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connection_opened),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed, ["released"]),
@@ -685,6 +694,29 @@ class Receiver:
             make_event_driven(event.assoc)
         except Exception:  # noqa: BLE001 - the association still works, polling as pynetdicom does
             log.exception("receiver_event_driven_setup_failed")
+
+    def _on_requested(self, event: DicomEvent) -> None:
+        """Admit at most node.max_associations associations at once, exactly.
+
+        pynetdicom's own limit counts every acceptor thread still alive, including ones it has just
+        rejected and that are still winding down, and two requests negotiating at the same moment both
+        count each other: a burst of 50 against a limit of 10 could then admit only 9. Here requests are
+        admitted one at a time under a lock, and only associations admitted here and still running
+        count. The excess gets what pynetdicom sends: A-ASSOCIATE-RJ rejected-transient, service
+        provider (presentation), local limit exceeded.
+        """
+        assoc = event.assoc
+        try:
+            with self._admission_lock:
+                running = sum(1 for admitted in self._admitted if admitted.is_alive())
+                if running < self._max_associations:
+                    self._admitted.add(assoc)
+                    return
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+        except Exception:  # noqa: BLE001 - never raise into pynetdicom; its own limit still applies
+            log.exception("receiver_admission_failed")
 
     def _on_established(self, event: DicomEvent) -> None:
         try:

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from pacs_agent.db.models import Instance, Series
 from pe_model.phantoms import PhantomSpec, write_phantom_series
-from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, set_nodelay
+from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, set_nodelay, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -92,12 +92,21 @@ def test_fifty_concurrent_associations(make_node: Callable[..., Node], tmp_path:
 
     node_ok = c_echo(node.port)
     assert node_ok and node.alive()
-    with node.sessions()() as session:
-        counts = dict(
-            session.execute(select(Series.series_instance_uid, func.count(Instance.id)).join(Instance).group_by(Series.id)).all()
-        )
-    assert counts == {o.series_instance_uid: INSTANCES_PER_SENDER for o in accepted}, "accepted data complete, refused data absent"
+
+    def counts() -> dict[str, int]:
+        with node.sessions()() as session:
+            rows = session.execute(
+                select(Series.series_instance_uid, func.count(Instance.id)).join(Instance).group_by(Series.id)
+            ).all()
+        return {str(uid): int(n) for uid, n in rows}
+
+    expected = {o.series_instance_uid: INSTANCES_PER_SENDER for o in accepted}
+    # The receiver commits its records in batches gathered over 100 ms.
+    wait_until(lambda: counts() == expected, timeout=10, what="the accepted instances to be recorded")
+    assert counts() == expected, "accepted data complete, refused data absent"
     files = list((node.spool / "incoming").rglob("*.dcm"))
     assert len(files) == MAX_ASSOCIATIONS * INSTANCES_PER_SENDER
+    wait_until(lambda: len(node.events(kind="association_rejected")) >= SENDERS - MAX_ASSOCIATIONS, timeout=10,
+               what="the rejections to be recorded")
     rejected_events = node.events(kind="association_rejected")
     assert len(rejected_events) == SENDERS - MAX_ASSOCIATIONS
