@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import queue
+import socket
 import ssl
 import tempfile
 import threading
@@ -113,6 +114,8 @@ _HEADER_KEYWORDS = (
 #: Patients whose values were handed to the log mask recently (once per patient, not per instance).
 _PROTECTED_MAX = 1024
 _BATCH_MAX = 1000
+#: Pending TCP connections the listening socket holds before the kernel refuses more.
+_LISTEN_BACKLOG = 128
 #: pynetdicom's own association limit is set this far above node.max_associations (see `_on_requested`).
 _PYNETDICOM_ASSOCIATION_BACKSTOP = 1000
 #: How long the database writer gathers records before committing them in one transaction (seconds).
@@ -582,6 +585,10 @@ class Receiver:
             raise ReceiverError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from exc
         assert server is not None
         server.contexts = CheaplyCopiedContexts(server.contexts)  # copied for every association
+        # socketserver listens with a backlog of 5: in a burst of connections (a PACS flushing its
+        # queue) the kernel refuses the rest at TCP level before they can get an A-ASSOCIATE-RJ.
+        server.request_queue_size = _LISTEN_BACKLOG
+        cast(socket.socket, server.socket).listen(_LISTEN_BACKLOG)
         self._server = server
         log.info(
             "receiver_started", ae_title=node.ae_title, host=node.host, port=self.port, tls=node.tls.enabled,

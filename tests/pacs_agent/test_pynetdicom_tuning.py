@@ -4,7 +4,9 @@ associations event-driven, cheap context copies and whole-PDU reads."""
 from __future__ import annotations
 
 import copy
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import types
@@ -161,3 +163,21 @@ def test_make_event_driven_reads_a_whole_pdu_with_few_reads() -> None:
         assert recv(10) == b"abc"  # peer closed: what was read, as AssociationSocket.recv returns
     finally:
         local.close()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
+def test_receiver_listens_with_a_backlog_for_bursts(settings_factory: Callable[..., Settings]) -> None:
+    """socketserver's default backlog of 5 would make the kernel refuse a burst of connections before
+    they could be answered with an A-ASSOCIATE-RJ; ss shows a listening socket's backlog as Send-Q."""
+    settings = settings_factory()
+    engine = make_engine(settings.database.url)
+    upgrade_database(settings.database.url, engine)
+    receiver = Receiver(settings, make_session_factory(engine))
+    receiver.start()
+    try:
+        shown = subprocess.run(["ss", "-ltnH", f"sport = :{receiver.port}"], capture_output=True, text=True, check=True)
+        (row,) = shown.stdout.strip().splitlines()
+        assert int(row.split()[2]) >= 128, row
+    finally:
+        receiver.stop()
+        engine.dispose()
