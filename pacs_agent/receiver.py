@@ -114,6 +114,8 @@ _HEADER_KEYWORDS = (
 #: Patients whose values were handed to the log mask recently (once per patient, not per instance).
 _PROTECTED_MAX = 1024
 _BATCH_MAX = 1000
+#: How long a closed connection waits for pynetdicom to say whether it was released or aborted (seconds).
+_CLOSE_GRACE_SECONDS = 1.0
 #: Pending TCP connections the listening socket holds before the kernel refuses more.
 _LISTEN_BACKLOG = 128
 #: pynetdicom's own association limit is set this far above node.max_associations (see `_on_requested`).
@@ -570,7 +572,7 @@ class Receiver:
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed, ["released"]),
             (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
-            (evt.EVT_CONN_CLOSE, self._on_closed, ["aborted"]),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         _CHUNKED_RECEIVE.acquire()
@@ -741,16 +743,44 @@ class Receiver:
 
     def _on_closed(self, event: DicomEvent, reason: str) -> None:
         try:
+            self._record_close(id(event.assoc), None, reason, _now())
+        except Exception:  # noqa: BLE001
+            log.exception("receiver_close_handler_failed")
+
+    def _on_connection_closed(self, event: DicomEvent) -> None:
+        """The connection of an established association closed: if neither EVT_RELEASED nor EVT_ABORTED
+        records the end within `_CLOSE_GRACE_SECONDS`, record it as aborted.
+
+        The DUL thread closes the socket right after sending an A-RELEASE-RP, which can be before the
+        association thread has announced the release: deciding here at once would call a clean release
+        an abort.
+        """
+        try:
+            key = id(event.assoc)
             with self._lock:
-                state = self._associations.pop(id(event.assoc), None)
+                state = self._associations.get(key)
             if state is None:
                 return
+            timer = threading.Timer(_CLOSE_GRACE_SECONDS, self._record_close, args=(key, state, "aborted", _now()))
+            timer.daemon = True
+            timer.start()
+        except Exception:  # noqa: BLE001
+            log.exception("receiver_close_handler_failed")
+
+    def _record_close(self, key: int, expected: _AssociationState | None, reason: str, at: datetime) -> None:
+        """Record the end of association ``key`` once (``expected``: only if it is still that state)."""
+        try:
+            with self._lock:
+                state = self._associations.get(key)
+                if state is None or (expected is not None and state is not expected):
+                    return
+                del self._associations[key]
             self._put(
                 AssociationClosed(
-                    state.association_id, reason, _now(), state.stored, state.duplicates, state.ignored, state.rejected
+                    state.association_id, reason, at, state.stored, state.duplicates, state.ignored, state.rejected
                 )
             )
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - runs in pynetdicom's and timer threads
             log.exception("receiver_close_handler_failed")
 
     def _on_rejected(self, event: DicomEvent) -> None:

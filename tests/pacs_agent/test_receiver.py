@@ -721,3 +721,31 @@ def test_storage_fsync_setting_decides_whether_instances_are_synced(
     study, series = generate_uid(), generate_uid()
     assert send(peer, [ct_slice(study, series, i) for i in range(3)]) == [0, 0, 0]
     assert (len(synced) >= 3) is fsync
+
+
+def test_a_connection_closed_before_the_release_is_announced_is_recorded_as_released(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's DUL closes the socket right after the A-RELEASE-RP, sometimes before the association
+    thread announces the release: the close waits for that; without any announcement it counts as aborted."""
+    import pacs_agent.receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "_CLOSE_GRACE_SECONDS", 0.2)
+    receiver = Receiver(settings_factory(), sessionmaker())
+    records: list[Any] = []
+    monkeypatch.setattr(receiver, "_put", records.append)
+
+    released, dropped = object(), object()
+    for assoc, ae_title in ((released, "SCANNER"), (dropped, "OTHER")):
+        state = receiver_module._AssociationState(association_id=f"id-{ae_title}", calling_ae_title=ae_title)
+        receiver._associations[id(assoc)] = state
+
+    def event(assoc: object) -> Any:
+        return type("Event", (), {"assoc": assoc})()
+
+    receiver._on_connection_closed(event(released))
+    receiver._on_closed(event(released), "released")  # announced after the socket closed
+    receiver._on_connection_closed(event(dropped))  # never announced
+    time.sleep(0.6)
+    assert [(r.association_id, r.reason) for r in records] == [("id-SCANNER", "released"), ("id-OTHER", "aborted")]
+    assert receiver._associations == {}
