@@ -310,16 +310,10 @@ class OrthancPACS:
 # ---------------------------------------------------------------- processes
 
 
-def process_group_alive(pgid: int) -> bool:
-    """True while a live (non-zombie) process is in the process group."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in proc.iterdir():
+def process_group_members(pgid: int) -> list[int]:
+    """PIDs of the live (non-zombie) processes in process group ``pgid``, read from /proc (Linux)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
@@ -328,8 +322,19 @@ def process_group_alive(pgid: int) -> bool:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+            pids.append(int(entry.name))
+    return pids
+
+
+def process_group_alive(pgid: int) -> bool:
+    """True while a live (non-zombie) process is in the process group."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return bool(process_group_members(pgid))
 
 
 def stop_process_group(process: subprocess.Popen[bytes], *, grace_s: float) -> None:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Event, Job, Series
 from pacs_agent.db.session import make_engine, make_session_factory
+from pacs_agent.demo import process_group_members
 
 AGENT_AE_TITLE = "PE_AGENT"
 CALLING_AE_TITLE = "FAULT_SCU"
@@ -296,18 +297,7 @@ class Node:
 
 def process_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
+    return process_group_members(pgid)
 
 
 # ---------------------------------------------------------------- peers

@@ -116,34 +116,15 @@ def tiny_predictor(tiny_checkpoint: Path) -> Any:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Any]:
     """One throw-away PostgreSQL server for the session (tests.support.postgres); skipped without the binaries."""
-    import shutil
-    import tempfile
+    from tests.support.postgres import session_server
 
-    from tests.support.postgres import PostgresServer, postgres_bindir
-
-    if postgres_bindir() is None:
-        pytest.skip("PostgreSQL server binaries are not installed (Debian package postgresql)")
-    workdir = Path(tempfile.mkdtemp(prefix="pe-agent-pg-"))
-    server = PostgresServer(workdir)
-    server.start()
-    try:
+    with session_server("pe-agent-pg-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
 def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> str:
     """URL of a fresh, empty database on the session's PostgreSQL server."""
-    import re
+    from tests.support.postgres import fresh_database
 
-    from sqlalchemy import text
-
-    name = "t_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:50]
-    admin = make_engine(postgres_server.url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return str(postgres_server.url.rsplit("/", 1)[0] + "/" + name)
+    return fresh_database(postgres_server, request.node.name, prefix="t_")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
-from pacs_agent.db.session import make_engine
 from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 from tests.scaleout.cluster import Cluster
 from tests.support.pacs_scp import PacsSCP
+from tests.support.postgres import fresh_database, session_server
 
 #: Small phantoms: 64 x 64, 48 slices (passes the CTPA selection rule of 40 slices or more).
 PHANTOM_SLICES = 48
@@ -53,30 +49,8 @@ def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> list[PhantomTrut
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Any]:
     """One throw-away PostgreSQL server for the session; skipped without the Debian binaries."""
-    from tests.support.postgres import PostgresServer, postgres_bindir
-
-    if postgres_bindir() is None:
-        pytest.skip("PostgreSQL server binaries are not installed (Debian package postgresql)")
-    workdir = Path(tempfile.mkdtemp(prefix="pe-scaleout-pg-"))
-    server = PostgresServer(workdir)
-    server.start()
-    try:
+    with session_server("pe-scaleout-pg-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def fresh_postgres_database(server: Any, name: str) -> str:
-    """Create an empty database ``name`` on ``server`` (dropping an old one); returns its URL."""
-    admin = make_engine(server.url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
-    return str(server.url.rsplit("/", 1)[0] + "/" + name)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -84,14 +58,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database of each backend: a SQLite file (one machine) or a fresh PostgreSQL database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'agent.sqlite'}"
-    server = request.getfixturevalue("postgres_server")
-    return fresh_postgres_database(server, "s_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:50])
+    return fresh_database(request.getfixturevalue("postgres_server"), request.node.name, prefix="s_")
 
 
 @pytest.fixture
 def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> str:
     """A fresh, empty PostgreSQL database for this test."""
-    return fresh_postgres_database(postgres_server, "s_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:50])
+    return fresh_database(postgres_server, request.node.name, prefix="s_")
 
 
 @pytest.fixture

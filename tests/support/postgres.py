@@ -10,10 +10,14 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +105,38 @@ class PostgresServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def session_server(prefix: str) -> Iterator[PostgresServer]:
+    """A server for a whole test session in a fresh folder under /tmp (removed afterwards); the calling
+    test is skipped when the Debian binaries are missing."""
+    import pytest
+
+    if postgres_bindir() is None:
+        pytest.skip("PostgreSQL server binaries are not installed (Debian package postgresql)")
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    server = PostgresServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def fresh_database(server: PostgresServer, test_name: str, *, prefix: str) -> str:
+    """Create an empty database for one test on ``server`` (dropping a left-over one); return its URL."""
+    from sqlalchemy import text
+
+    from pacs_agent.db.session import make_engine
+
+    name = prefix + re.sub(r"[^a-z0-9]", "_", test_name.lower())[:50]
+    admin = make_engine(server.url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return str(server.url.rsplit("/", 1)[0] + "/" + name)
