@@ -183,7 +183,8 @@ def make_event_driven(assoc: Any, max_wait: float = EVENT_WAIT_MAX_SECONDS) -> N
     """Turn the idle polls of one not-yet-started pynetdicom association (and its DUL) into event waits.
 
     Takes effect while the sleep shim is installed (`SleepCap`); without it pynetdicom sleeps as usual.
-    The wake-up socket pair is closed when the DUL object is collected.
+    The wake-up socket pair is closed with the association's socket (at the latest when the DUL object
+    is collected).
     """
     dul = assoc.dul
     dimse = assoc.dimse
@@ -257,5 +258,16 @@ def make_event_driven(assoc: Any, max_wait: float = EVENT_WAIT_MAX_SECONDS) -> N
     transport = dul.socket
     if transport is not None:
         transport.recv = _whole_reads(transport)
+        close_transport = transport.close
+
+        def close_with_pair() -> None:
+            # The connection is gone, so is the need for wake-ups: close the pair now rather than
+            # when the garbage collector gets to the DUL (a busy node would run out of descriptors).
+            try:
+                close_transport()
+            finally:
+                _close_pair(closed, reader, writer)
+
+        transport.close = close_with_pair
     setattr(dul, _WAIT_ATTRIBUTE, dul_wait)
     setattr(assoc, _WAIT_ATTRIBUTE, association_wait)

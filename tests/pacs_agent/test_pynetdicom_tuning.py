@@ -181,3 +181,38 @@ def test_receiver_listens_with_a_backlog_for_bursts(settings_factory: Callable[.
     finally:
         receiver.stop()
         engine.dispose()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+def test_finished_associations_leave_no_file_descriptors_behind(settings_factory: Callable[..., Settings]) -> None:
+    """Each event-driven association opens a wake-up socket pair; it is closed when the connection ends,
+    not whenever the garbage collector runs (a busy node would otherwise run out of descriptors)."""
+    import gc
+
+    settings = settings_factory()
+    engine = make_engine(settings.database.url)
+    upgrade_database(settings.database.url, engine)
+    receiver = Receiver(settings, make_session_factory(engine))
+    receiver.start()
+    gc.disable()
+    try:
+        def open_fds() -> int:
+            return len(list(Path("/proc/self/fd").iterdir()))
+
+        ae = scu()
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
+        assoc.release()
+        time.sleep(0.5)
+        before = open_fds()
+        for _ in range(30):
+            assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
+            assert assoc.is_established
+            assoc.release()
+        deadline = time.monotonic() + 5
+        while open_fds() > before + 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert open_fds() <= before + 4, (before, open_fds())  # 30 leaked pairs would be 60
+    finally:
+        gc.enable()
+        receiver.stop()
+        engine.dispose()
