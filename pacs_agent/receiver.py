@@ -717,8 +717,9 @@ class Receiver:
         assoc = event.assoc
         try:
             with self._admission_lock:
-                running = sum(1 for admitted in self._admitted if admitted.is_alive())
-                if running < self._max_associations:
+                for finished in [a for a in self._admitted if not a.is_alive()]:
+                    self._admitted.discard(finished)  # do not wait for the garbage collector
+                if len(self._admitted) < self._max_associations:
                     self._admitted.add(assoc)
                     return
             assoc.acse.send_reject(0x02, 0x03, 0x02)
