@@ -38,6 +38,7 @@ from pacs_agent.db.session import transaction
 from pacs_agent.errors import DeliveryError
 from pacs_agent.events import record_event
 from pacs_agent.logging import get_logger
+from pacs_agent.pynetdicom_tuning import hold_requestor_reactor
 from pacs_agent.queue import Backoff, owner_process, process_alive
 from pacs_agent.reports import ProducedObject
 from pacs_agent.settings import Destination, Settings, TLSSettings
@@ -396,6 +397,7 @@ def _send_to(
                 outcomes[item.delivery_id] = _Outcome(False, None, "association ended before the object was sent")
                 continue
             try:
+                hold_requestor_reactor(assoc)  # a pynetdicom race that can steal the response, see there
                 status = assoc.send_c_store(path)
             except ValueError as exc:  # no accepted presentation context for this SOP class / transfer syntax
                 outcomes[item.delivery_id] = _Outcome(False, None, f"{destination.name} did not accept the object: {exc}")

@@ -271,3 +271,23 @@ def make_event_driven(assoc: Any, max_wait: float = EVENT_WAIT_MAX_SECONDS) -> N
         transport.close = close_with_pair
     setattr(dul, _WAIT_ATTRIBUTE, dul_wait)
     setattr(assoc, _WAIT_ATTRIBUTE, association_wait)
+
+
+def hold_requestor_reactor(assoc: Any, settle_s: float = 0.005, timeout_s: float = 5.0) -> None:
+    """Hold a pynetdicom *requestor*'s reactor thread before ``send_c_store`` (or another send).
+
+    pynetdicom 3.0's ``send_c_store`` pauses the reactor by clearing a checkpoint and then checking
+    ``_is_paused``, which the reactor sets just *before* it waits on that checkpoint. If the check lands
+    after the reactor's wait already returned (the checkpoint was still set) but before it cleared
+    ``_is_paused``, the reactor goes on, takes the peer's C-STORE-RSP off the queue ("Received
+    unexpected C-STORE service message") and the sender waits for that response until its DIMSE
+    timeout and aborts. A fast peer and a busy process (many threads wanting the GIL) make it likely
+    enough to matter. Clearing the checkpoint here and giving the reactor ``settle_s`` to come round to
+    its (now blocking) wait closes that window; ``send_c_store`` sets the checkpoint again when it has
+    the response.
+    """
+    assoc._reactor_checkpoint.clear()
+    time.sleep(settle_s)
+    deadline = time.monotonic() + timeout_s
+    while not assoc._is_paused and time.monotonic() < deadline:
+        time.sleep(0.0005)

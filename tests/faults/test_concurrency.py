@@ -14,6 +14,7 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 
 from pacs_agent.db.models import Instance, Series
+from pacs_agent.pynetdicom_tuning import hold_requestor_reactor
 from pe_model.phantoms import PhantomSpec, write_phantom_series
 from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, set_nodelay, wait_until
 
@@ -68,6 +69,7 @@ def test_fifty_concurrent_associations(make_node: Callable[..., Node], tmp_path:
             return
         set_nodelay(assoc)
         for ds in series[index]:
+            hold_requestor_reactor(assoc, settle_s=0.02)  # a pynetdicom race in the *sender*, see there
             status = assoc.send_c_store(ds)
             outcome.statuses.append(int(status.Status) if status and "Status" in status else -1)
         outcome.aborted = assoc.is_aborted

@@ -28,6 +28,7 @@ from pacs_agent.pynetdicom_tuning import (
     CheaplyCopiedContexts,
     SleepCap,
     _whole_reads,
+    hold_requestor_reactor,
     cap_pynetdicom_sleeps,
     pynetdicom_sleeps_capped,
     restore_pynetdicom_sleeps,
@@ -221,5 +222,29 @@ def test_finished_associations_leave_no_file_descriptors_behind(settings_factory
         assert open_fds() <= before + 4, (before, open_fds())  # 30 leaked pairs would be 60
     finally:
         gc.enable()
+        receiver.stop()
+        engine.dispose()
+
+
+def test_holding_a_requestors_reactor_parks_it_until_the_send_has_its_response(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory()
+    engine = make_engine(settings.database.url)
+    upgrade_database(settings.database.url, engine)
+    receiver = Receiver(settings, make_session_factory(engine))
+    receiver.start()
+    try:
+        assoc = scu().associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
+        assert assoc.is_established
+        study, series = generate_uid(), generate_uid()
+        for i in range(5):
+            hold_requestor_reactor(assoc)
+            assert assoc._is_paused and not assoc._reactor_checkpoint.is_set()
+            assert assoc.send_c_store(ct_slice(study, series, i)).Status == 0
+            assert assoc._reactor_checkpoint.is_set()  # send_c_store lets the reactor run again
+        assoc.release()
+        assert assoc.is_released
+    finally:
         receiver.stop()
         engine.dispose()
