@@ -286,7 +286,10 @@ def hold_requestor_reactor(assoc: Any, settle_s: float = 0.005, timeout_s: float
     its (now blocking) wait closes that window; ``send_c_store`` sets the checkpoint again when it has
     the response.
     """
-    assoc._reactor_checkpoint.clear()
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or not hasattr(assoc, "_is_paused"):
+        return  # not the pynetdicom this was written for: send as pynetdicom does
+    checkpoint.clear()
     time.sleep(settle_s)
     deadline = time.monotonic() + timeout_s
     while not assoc._is_paused and time.monotonic() < deadline:
