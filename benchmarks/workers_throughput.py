@@ -36,14 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/workers_throughput.py`: the harness lives in tests/
     sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import func, select, text, update  # noqa: E402
+from sqlalchemy import func, select, update  # noqa: E402
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, JobStatus  # noqa: E402
 from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series  # noqa: E402
 from tests.faults.node import wait_until  # noqa: E402
 from tests.scaleout.cluster import Cluster, send_series  # noqa: E402
 from tests.support.pacs_scp import PacsSCP  # noqa: E402
-from tests.support.postgres import PostgresServer, postgres_bindir  # noqa: E402
+from tests.support.postgres import PostgresServer, create_database, postgres_bindir  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -83,19 +83,6 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def fresh_database(server: PostgresServer, name: str) -> str:
-    from pacs_agent.db.session import make_engine
-
-    admin = make_engine(server.url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
-    return server.url.rsplit("/", 1)[0] + "/" + name
-
-
 def write_series(folder: Path, count: int, *, slices: int, size: int) -> list[PhantomTruth]:
     return [
         write_phantom_series(
@@ -131,7 +118,7 @@ def measure(
     checkpoint: str, repeat: int, workdir: Path, timeout: float,
 ) -> Measurement:
     """One scaled-out node with ``workers`` hosts analysing ``series`` (see the module docstring)."""
-    url = fresh_database(server, f"bench_w{workers}_r{repeat}")
+    url = create_database(server, f"bench_w{workers}_r{repeat}")
     cluster = Cluster(
         root=workdir / f"w{workers}-r{repeat}", database_url=url, checkpoint=checkpoint, destination_port=pacs.port,
         workers=workers, model={"torch_threads": threads},

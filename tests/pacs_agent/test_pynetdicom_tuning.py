@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pynetdicom.association
@@ -36,6 +36,21 @@ from pacs_agent.pynetdicom_tuning import (
 from pacs_agent.receiver import Receiver
 from pacs_agent.settings import Settings
 from tests.pacs_agent.test_receiver import ct_slice, scu
+
+
+@pytest.fixture
+def running_receiver(settings_factory: Callable[..., Settings]) -> Iterator[Receiver]:
+    """A started Receiver on a migrated SQLite database; stopped afterwards."""
+    settings = settings_factory()
+    engine = make_engine(settings.database.url)
+    upgrade_database(settings.database.url, engine)
+    receiver = Receiver(settings, make_session_factory(engine))
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+        engine.dispose()
 
 
 def _sleep_seconds(module: object, seconds: float, repeat: int = 20) -> float:
@@ -105,40 +120,32 @@ def _voluntary_switches(thread: threading.Thread) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-def test_an_idle_association_waits_instead_of_polling(settings_factory: Callable[..., Settings]) -> None:
+def test_an_idle_association_waits_instead_of_polling(running_receiver: Receiver) -> None:
     """Both threads of an open, idle association wake a few times a second (their bounded waits),
     not thousands of times (pynetdicom's polling, even capped); the association still works after."""
-    settings = settings_factory()
-    engine = make_engine(settings.database.url)
-    upgrade_database(settings.database.url, engine)
-    receiver = Receiver(settings, make_session_factory(engine))
-    receiver.start()
-    try:
-        assoc = scu().associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
-        assert assoc.is_established
-        deadline = time.monotonic() + 5
-        while not receiver._ae.active_associations and time.monotonic() < deadline:
-            time.sleep(0.01)
-        (acceptor,) = receiver._ae.active_associations
-        threads = (acceptor, acceptor.dul)
-        before = [_voluntary_switches(t) for t in threads]
-        time.sleep(1.0)
-        woken = [_voluntary_switches(t) - b for t, b in zip(threads, before, strict=True)]
-        # 1 s / EVENT_WAIT_MAX_SECONDS = 20 bounded waits each; polling at the 200 us cap would be ~5,000.
-        assert all(count <= 4 / EVENT_WAIT_MAX_SECONDS for count in woken), woken
-        study, series = generate_uid(), generate_uid()
-        assert [assoc.send_c_store(ct_slice(study, series, i)).Status for i in range(3)] == [0, 0, 0]
-        assoc.release()
-        assert assoc.is_released
-    finally:
-        receiver.stop()
-        engine.dispose()
+    receiver = running_receiver
+    assoc = scu().associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
+    assert assoc.is_established
+    deadline = time.monotonic() + 5
+    while not receiver._ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (acceptor,) = receiver._ae.active_associations
+    threads = (acceptor, acceptor.dul)
+    before = [_voluntary_switches(t) for t in threads]
+    time.sleep(1.0)
+    woken = [_voluntary_switches(t) - b for t, b in zip(threads, before, strict=True)]
+    # 1 s / EVENT_WAIT_MAX_SECONDS = 20 bounded waits each; polling at the 200 us cap would be ~5,000.
+    assert all(count <= 4 / EVENT_WAIT_MAX_SECONDS for count in woken), woken
+    study, series = generate_uid(), generate_uid()
+    assert [assoc.send_c_store(ct_slice(study, series, i)).Status for i in range(3)] == [0, 0, 0]
+    assoc.release()
+    assert assoc.is_released
 
 
 def test_cheaply_copied_contexts_equal_a_deep_copy_and_share_no_lists() -> None:
     ae = AE()
     for context in AllStoragePresentationContexts[:5]:
-        ae.add_supported_context(context.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(str(context.abstract_syntax), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     original = CheaplyCopiedContexts(ae.supported_contexts)
     cheap = copy.deepcopy(original)
     reference = copy.deepcopy(list(original))
@@ -169,34 +176,22 @@ def test_make_event_driven_reads_a_whole_pdu_with_few_reads() -> None:
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
-def test_receiver_listens_with_a_backlog_for_bursts(settings_factory: Callable[..., Settings]) -> None:
+def test_receiver_listens_with_a_backlog_for_bursts(running_receiver: Receiver) -> None:
     """socketserver's default backlog of 5 would make the kernel refuse a burst of connections before
     they could be answered with an A-ASSOCIATE-RJ; ss shows a listening socket's backlog as Send-Q."""
-    settings = settings_factory()
-    engine = make_engine(settings.database.url)
-    upgrade_database(settings.database.url, engine)
-    receiver = Receiver(settings, make_session_factory(engine))
-    receiver.start()
-    try:
-        shown = subprocess.run(["ss", "-ltnH", f"sport = :{receiver.port}"], capture_output=True, text=True, check=True)
-        (row,) = shown.stdout.strip().splitlines()
-        assert int(row.split()[2]) >= 128, row
-    finally:
-        receiver.stop()
-        engine.dispose()
+    receiver = running_receiver
+    shown = subprocess.run(["ss", "-ltnH", f"sport = :{receiver.port}"], capture_output=True, text=True, check=True)
+    (row,) = shown.stdout.strip().splitlines()
+    assert int(row.split()[2]) >= 128, row
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
-def test_finished_associations_leave_no_file_descriptors_behind(settings_factory: Callable[..., Settings]) -> None:
+def test_finished_associations_leave_no_file_descriptors_behind(running_receiver: Receiver) -> None:
     """Each event-driven association opens a wake-up socket pair; it is closed when the connection ends,
     not whenever the garbage collector runs (a busy node would otherwise run out of descriptors)."""
     import gc
 
-    settings = settings_factory()
-    engine = make_engine(settings.database.url)
-    upgrade_database(settings.database.url, engine)
-    receiver = Receiver(settings, make_session_factory(engine))
-    receiver.start()
+    receiver = running_receiver
     gc.disable()
     try:
         def open_fds() -> int:
@@ -222,29 +217,17 @@ def test_finished_associations_leave_no_file_descriptors_behind(settings_factory
         assert open_fds() <= before + 4, (before, open_fds())  # 30 leaked pairs would be 60
     finally:
         gc.enable()
-        receiver.stop()
-        engine.dispose()
 
 
-def test_holding_a_requestors_reactor_parks_it_until_the_send_has_its_response(
-    settings_factory: Callable[..., Settings],
-) -> None:
-    settings = settings_factory()
-    engine = make_engine(settings.database.url)
-    upgrade_database(settings.database.url, engine)
-    receiver = Receiver(settings, make_session_factory(engine))
-    receiver.start()
-    try:
-        assoc = scu().associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
-        assert assoc.is_established
-        study, series = generate_uid(), generate_uid()
-        for i in range(5):
-            hold_requestor_reactor(assoc)
-            assert assoc._is_paused and not assoc._reactor_checkpoint.is_set()
-            assert assoc.send_c_store(ct_slice(study, series, i)).Status == 0
-            assert assoc._reactor_checkpoint.is_set()  # send_c_store lets the reactor run again
-        assoc.release()
-        assert assoc.is_released
-    finally:
-        receiver.stop()
-        engine.dispose()
+def test_holding_a_requestors_reactor_parks_it_until_the_send_has_its_response(running_receiver: Receiver) -> None:
+    receiver = running_receiver
+    assoc = scu().associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
+    assert assoc.is_established
+    study, series = generate_uid(), generate_uid()
+    for i in range(5):
+        hold_requestor_reactor(assoc)
+        assert assoc._is_paused and not assoc._reactor_checkpoint.is_set()
+        assert assoc.send_c_store(ct_slice(study, series, i)).Status == 0
+        assert assoc._reactor_checkpoint.is_set()  # send_c_store lets the reactor run again
+    assoc.release()
+    assert assoc.is_released

@@ -125,13 +125,12 @@ def session_server(prefix: str) -> Iterator[PostgresServer]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def fresh_database(server: PostgresServer, test_name: str, *, prefix: str) -> str:
-    """Create an empty database for one test on ``server`` (dropping a left-over one); return its URL."""
+def create_database(server: PostgresServer, name: str) -> str:
+    """Create an empty database ``name`` on ``server`` (dropping an old one of that name); return its URL."""
     from sqlalchemy import text
 
     from pacs_agent.db.session import make_engine
 
-    name = prefix + re.sub(r"[^a-z0-9]", "_", test_name.lower())[:50]
     admin = make_engine(server.url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
@@ -140,3 +139,8 @@ def fresh_database(server: PostgresServer, test_name: str, *, prefix: str) -> st
     finally:
         admin.dispose()
     return str(server.url.rsplit("/", 1)[0] + "/" + name)
+
+
+def fresh_database(server: PostgresServer, test_name: str, *, prefix: str) -> str:
+    """An empty database for one test on ``server``, named after the test; return its URL."""
+    return create_database(server, prefix + re.sub(r"[^a-z0-9]", "_", test_name.lower())[:50])
