@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/workers_throughput.py
 from sqlalchemy import func, select, update  # noqa: E402
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, JobStatus  # noqa: E402
+from pe_model.benchmark import cpu_model_name  # noqa: E402
 from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series  # noqa: E402
 from tests.faults.node import wait_until  # noqa: E402
 from tests.scaleout.cluster import Cluster, send_series  # noqa: E402
@@ -63,17 +64,6 @@ class Measurement:
     @property
     def series_per_minute(self) -> float:
         return 60.0 * self.series / self.analysis_s
-
-
-def cpu_model_name() -> str:
-    """``model name`` from /proc/cpuinfo (what lscpu shows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def available_cores() -> int:

@@ -42,6 +42,7 @@ touched.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import select
 import socket
@@ -197,10 +198,9 @@ def make_event_driven(assoc: Any, max_wait: float = EVENT_WAIT_MAX_SECONDS) -> N
     def wake_dul() -> None:
         if threading.current_thread() is dul or closed.is_set():
             return  # the DUL thread looks at its own queues before it waits
-        try:
+        # A full pair means a wake-up is already pending; a closed one, that the reactor is gone.
+        with contextlib.suppress(OSError):
             writer.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pair is full (a wake-up is already pending) or closed (the reactor is gone)
 
     def wake_association() -> None:
         association_ready.set()
