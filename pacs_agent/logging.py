@@ -175,6 +175,9 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings (pydicom warns about invalid values, quoting them) would otherwise be printed to
+    # stderr as they are, past the patient-value mask: send them through this handler instead.
+    logging.captureWarnings(True)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
