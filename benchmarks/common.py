@@ -169,7 +169,7 @@ def run_senders(port: int, files: Sequence[Path], senders: int, *, called: str) 
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         if proc.returncode != 0:
-            errors.append(err.decode(errors="replace")[-500:])
+            errors.append(f"exit {proc.returncode}: " + err.decode(errors="replace")[-500:])
     seconds = time.perf_counter() - start
     if errors:
         raise BenchmarkError("storescu failed: " + " | ".join(errors))

@@ -93,18 +93,23 @@ def orthanc(work: Path) -> Iterator[tuple[int, Callable[[], int]]]:
         server.stop()
 
 
-@contextmanager
-def agent_serve(work: Path) -> Iterator[tuple[int, Callable[[], int]]]:
-    from tests.faults.node import Node, node_config
+def agent_serve(processes: int) -> Callable[[Path], Any]:
+    """`pe-agent serve` with no workers and ``node.receiver_processes = processes``."""
 
-    node = Node(work / "agent", node_config(work / "agent", port=free_port(), checkpoint="builtin:demo",
-                                           workers={"count": 0}, series={"quiet_seconds": 60.0},
-                                           node={"max_associations": 16}))
-    node.start()
-    try:
-        yield node.port, lambda: sum(1 for _ in (node.spool / "incoming").rglob("*.dcm"))
-    finally:
-        node.stop()
+    @contextmanager
+    def start(work: Path) -> Iterator[tuple[int, Callable[[], int]]]:
+        from tests.faults.node import Node, node_config
+
+        node = Node(work / "agent", node_config(work / "agent", port=free_port(), checkpoint="builtin:demo",
+                                               workers={"count": 0}, series={"quiet_seconds": 60.0},
+                                               node={"max_associations": 16, "receiver_processes": processes}))
+        node.start()
+        try:
+            yield node.port, lambda: sum(1 for _ in (node.spool / "incoming").rglob("*.dcm"))
+        finally:
+            node.stop()
+
+    return start
 
 
 def _subprocess_receiver(kind: str, cap_sleep: float) -> Callable[[Path], Any]:
@@ -150,7 +155,8 @@ def receivers(senders: tuple[int, ...]) -> list[Receiver]:
     return [
         Receiver("dcmtk storescp (-pdu 131072, TCP_NODELAY=1)", "STORESCP", storescp, senders),
         Receiver("Orthanc (TCP_NODELAY=1)", "ORTHANC", orthanc, senders),
-        Receiver("pe-agent serve (workers 0)", AGENT_AE_TITLE, agent_serve, senders),
+        Receiver("pe-agent serve (workers 0)", AGENT_AE_TITLE, agent_serve(1), senders),
+        Receiver("pe-agent serve (workers 0, receiver_processes 2)", AGENT_AE_TITLE, agent_serve(2), senders),
         Receiver("agent Receiver class alone (event-driven)", AGENT_AE_TITLE, _subprocess_receiver("agent", 0.0), senders),
         Receiver("bare pynetdicom SCP (encoded_dataset -> file)", "BARE_SCP", _subprocess_receiver("bare", 0.0), one),
         Receiver("bare pynetdicom SCP, sleeps capped at 100 us", "BARE_SCP", _subprocess_receiver("bare", 1e-4), one),

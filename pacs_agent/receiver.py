@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -50,7 +50,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event as DicomEvent
 from pynetdicom.sop_class import EnhancedCTImageStorage, CTImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import select
+from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,9 +59,16 @@ from pacs_agent.db.session import transaction
 from pacs_agent.errors import AgentError, InvalidUIDError, StorageError
 from pacs_agent.events import record_event
 from pacs_agent.logging import PATIENT_VALUES, get_logger, protect_patient_values
-from pacs_agent.pynetdicom_tuning import CheaplyCopiedContexts, SleepCap, make_event_driven
+from pacs_agent.pynetdicom_tuning import CheaplyCopiedContexts, SleepCap, make_event_driven, start_handed_over_server
 from pacs_agent.settings import Settings, TLSSettings
 from pacs_agent.storage import INSTANCE_SUFFIX, Spool, validate_uid
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import SynchronizedArray
+
+    SharedCounts = SynchronizedArray[int]
+else:
+    SharedCounts = Any
 
 log = get_logger(__name__)
 
@@ -117,7 +124,7 @@ _BATCH_MAX = 1000
 #: How long a closed connection waits for pynetdicom to say whether it was released or aborted (seconds).
 _CLOSE_GRACE_SECONDS = 1.0
 #: Pending TCP connections the listening socket holds before the kernel refuses more.
-_LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = 128
 #: pynetdicom's own association limit is set this far above node.max_associations (see `_on_requested`).
 _PYNETDICOM_ASSOCIATION_BACKSTOP = 1000
 #: How long the database writer gathers records before committing them in one transaction (seconds).
@@ -250,6 +257,52 @@ class _AssociationState:
     ignored: int = 0
     rejected: int = 0
     closed: bool = False
+
+
+class Admission:
+    """At most ``limit`` associations admitted at once: in this process, or across the processes of a
+    receiver pool when ``shared`` (one count per process in shared memory, ``slot`` is this process's).
+
+    An association counts from its admission until its connection closes (or its thread has ended, for
+    one whose close was never announced). Requests are admitted one at a time under a lock.
+    """
+
+    def __init__(self, limit: int, shared: SharedCounts | None = None, slot: int = 0) -> None:
+        self._limit = limit
+        self._shared = shared
+        self._slot = slot
+        self._lock = threading.Lock()
+        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def admit(self, assoc: Any) -> bool:
+        with self._lock:
+            for finished in [a for a in self._admitted if not a.is_alive()]:
+                self._admitted.discard(finished)  # do not wait for the garbage collector
+            if self._shared is None:
+                if len(self._admitted) >= self._limit:
+                    return False
+                self._admitted.add(assoc)
+                return True
+            with self._shared.get_lock():
+                self._shared[self._slot] = len(self._admitted)
+                if sum(self._shared[:]) >= self._limit:
+                    return False
+                self._admitted.add(assoc)
+                self._shared[self._slot] = len(self._admitted)
+                return True
+
+    def release(self, assoc: Any) -> None:
+        with self._lock:
+            if assoc not in self._admitted:
+                return
+            self._admitted.discard(assoc)
+            if self._shared is not None:
+                with self._shared.get_lock():
+                    self._shared[self._slot] = len(self._admitted)
+
+    def admitted(self) -> int:
+        with self._lock:
+            return len(self._admitted)
 
 
 class _DeferredHandshakeContext(ssl.SSLContext):
@@ -389,6 +442,7 @@ def _apply(session: Session, spool: Spool, records: Sequence[_Record]) -> None:
     instances = [r for r in records if isinstance(r, ReceivedInstance)]
     series_by_uid: dict[str, Series] = {}
     known_sops: dict[str, str] = {}
+    added: dict[int, tuple[int, datetime]] = {}  # series id -> (instances added, latest received_at)
     if instances:
         series_uids = {r.series_instance_uid for r in instances}
         for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(series_uids))):
@@ -429,13 +483,25 @@ def _apply(session: Session, spool: Spool, records: Sequence[_Record]) -> None:
                 calling_ae_title=record.calling_ae_title, peer_address=record.peer_address,
             )
         elif isinstance(record, ReceivedInstance):
-            _apply_instance(session, spool, record, series_by_uid, known_sops)
+            _apply_instance(session, spool, record, series_by_uid, known_sops, added)
         elif isinstance(record, InstanceNotStored):
             record_event(
                 session, entity="instance", entity_id=record.sop_instance_uid[:64] or "-", kind=record.kind,
                 series_instance_uid=record.series_instance_uid[:64], sop_class_uid=record.sop_class_uid,
                 status=record.status, reason=record.reason, association_id=record.association_id,
             )
+    # Counted in SQL, not read-modify-written through the ORM: several receiver processes (or nodes)
+    # may add instances to the same series in overlapping transactions.
+    for series_id, (count, latest) in added.items():
+        session.execute(
+            update(Series)
+            .where(Series.id == series_id)
+            .values(
+                instance_count=Series.instance_count + count,
+                last_received_at=case((Series.last_received_at < latest, latest), else_=Series.last_received_at),
+            )
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _apply_instance(
@@ -444,6 +510,7 @@ def _apply_instance(
     record: ReceivedInstance,
     series_by_uid: dict[str, Series],
     known_sops: dict[str, str],
+    added: dict[int, tuple[int, datetime]],
 ) -> None:
     existing_path = known_sops.get(record.sop_instance_uid)
     if existing_path is not None:
@@ -477,9 +544,8 @@ def _apply_instance(
             session, entity="series", entity_id=series.id, kind="series_state", to_state=SeriesState.RECEIVING,
             series_instance_uid=series.series_instance_uid, calling_ae_title=series.calling_ae_title,
         )
-    series.instance_count += 1
-    if record.received_at > series.last_received_at:
-        series.last_received_at = record.received_at
+    count, latest = added.get(series.id, (0, record.received_at))
+    added[series.id] = (count + 1, max(latest, record.received_at))
     session.add(
         Instance(
             series_id=series.id,
@@ -498,7 +564,16 @@ def _apply_instance(
 class Receiver:
     """The node's storage SCP; started by `pe-agent serve` in the main process."""
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        *,
+        shared_counts: SharedCounts | None = None,
+        process_index: int = 0,
+    ) -> None:
+        """``shared_counts``/``process_index``: this receiver is process ``process_index`` of a
+        `pacs_agent.receiver_pool.ReceiverPool`, whose processes share node.max_associations."""
         self._settings = settings
         self._factory = session_factory
         node = settings.node
@@ -506,7 +581,6 @@ class Receiver:
         self._ae = AE(ae_title=node.ae_title)
         # node.max_associations is enforced by `_on_requested` (exact, see there); pynetdicom's own
         # count, which also counts associations still winding down after a rejection, only backs it up.
-        self._max_associations = node.max_associations
         self._ae.maximum_associations = _PYNETDICOM_ASSOCIATION_BACKSTOP + node.max_associations
         self._ae.acse_timeout = node.acse_timeout
         self._ae.dimse_timeout = node.dimse_timeout
@@ -521,8 +595,7 @@ class Receiver:
         self._writer: _Writer | None = None
         self._lock = threading.Lock()
         self._associations: dict[int, _AssociationState] = {}
-        self._admission_lock = threading.Lock()
-        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._admission = Admission(node.max_associations, shared_counts, process_index)
         self._in_flight: set[Path] = set()
         self._protected: dict[str, None] = {}
         self._counters = {"stored": 0, "duplicates": 0, "ignored": 0, "rejected": 0, "associations": 0}
@@ -547,16 +620,21 @@ class Receiver:
         with self._lock:
             return dict(self._counters)
 
-    def start(self) -> None:
-        """Reconcile the spool with the database, then listen (non-blocking)."""
+    def start(self, *, handoff: socket.socket | None = None) -> None:
+        """Reconcile the spool with the database, then listen (non-blocking).
+
+        ``handoff``: listen on nothing and serve the connections another process accepts and sends over
+        this Unix socket (a process of `pacs_agent.receiver_pool.ReceiverPool`; the pool reconciles and
+        clears the spool's tmp/ once, before its processes start).
+        """
         if self._server is not None:
             return
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         node = self._settings.node
         ssl_context = server_ssl_context(node.tls) if node.tls.enabled else None
-        cleared = self._spool.clear_tmp()
-        recovered = self.reconcile()
+        cleared = self._spool.clear_tmp() if handoff is None else 0
+        recovered = self.reconcile() if handoff is None else 0
         temp_dir = Path(tempfile.gettempdir())
         if not self._spool.same_file_system(temp_dir):
             log.warning(
@@ -578,7 +656,10 @@ class Receiver:
         _CHUNKED_RECEIVE.acquire()
         _SLEEP_CAP.acquire()
         try:
-            server = self._ae.start_server((node.host, node.port), block=False, ssl_context=ssl_context, evt_handlers=handlers)
+            if handoff is None:
+                server = self._ae.start_server((node.host, node.port), block=False, ssl_context=ssl_context, evt_handlers=handlers)
+            else:
+                server = start_handed_over_server(self._ae, handoff, (node.host, node.port), ssl_context, handlers)
         except OSError as exc:
             _SLEEP_CAP.release()
             _CHUNKED_RECEIVE.release()
@@ -587,15 +668,17 @@ class Receiver:
             raise ReceiverError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from exc
         assert server is not None
         server.contexts = CheaplyCopiedContexts(server.contexts)  # copied for every association
-        # socketserver listens with a backlog of 5: in a burst of connections (a PACS flushing its
-        # queue) the kernel refuses the rest at TCP level before they can get an A-ASSOCIATE-RJ.
-        server.request_queue_size = _LISTEN_BACKLOG
-        cast(socket.socket, server.socket).listen(_LISTEN_BACKLOG)
+        if handoff is None:
+            # socketserver listens with a backlog of 5: in a burst of connections (a PACS flushing its
+            # queue) the kernel refuses the rest at TCP level before they can get an A-ASSOCIATE-RJ.
+            server.request_queue_size = LISTEN_BACKLOG
+            cast(socket.socket, server.socket).listen(LISTEN_BACKLOG)
         self._server = server
-        log.info(
-            "receiver_started", ae_title=node.ae_title, host=node.host, port=self.port, tls=node.tls.enabled,
-            max_associations=node.max_associations, reconciled=recovered, tmp_cleared=cleared,
-        )
+        if handoff is None:
+            log.info(
+                "receiver_started", ae_title=node.ae_title, host=node.host, port=self.port, tls=node.tls.enabled,
+                max_associations=node.max_associations, reconciled=recovered, tmp_cleared=cleared,
+            )
 
     def stop(self) -> None:
         """Stop listening, abort open associations, commit what was received."""
@@ -716,12 +799,8 @@ class Receiver:
         """
         assoc = event.assoc
         try:
-            with self._admission_lock:
-                for finished in [a for a in self._admitted if not a.is_alive()]:
-                    self._admitted.discard(finished)  # do not wait for the garbage collector
-                if len(self._admitted) < self._max_associations:
-                    self._admitted.add(assoc)
-                    return
+            if self._admission.admit(assoc):
+                return
             assoc.acse.send_reject(0x02, 0x03, 0x02)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
@@ -757,6 +836,7 @@ class Receiver:
         an abort.
         """
         try:
+            self._admission.release(event.assoc)
             key = id(event.assoc)
             with self._lock:
                 state = self._associations.get(key)

@@ -1,6 +1,7 @@
 """`pe-agent serve` and `pe-agent worker`: the node's processes.
 
-serve: migrate the database, start the DICOM receiver (this process), the scheduler (tracker sweep,
+serve: migrate the database, start the DICOM receiver (this process, or node.receiver_processes
+processes fed by this one: pacs_agent.receiver_pool), the scheduler (tracker sweep,
 dispatch, lease recovery, retention), ``workers.count`` worker processes ("spawn": inference cannot
 stall or crash the listener) and the optional HTTP server. A worker that dies is restarted (up to
 MAX_RESTARTS per slot); a worker that cannot load the model stops the node with exit code 1, since
@@ -145,6 +146,7 @@ def _release_leases_of_dead_local_processes(factory: sessionmaker[Session]) -> N
 def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
     """Run the node until SIGINT/SIGTERM (or ``stop_event``). Returns the exit code."""
     from pacs_agent.receiver import Receiver
+    from pacs_agent.receiver_pool import ReceiverPool
     from pacs_agent.scheduler import build_scheduler
     from pacs_agent.tracker import recover_open_associations
 
@@ -157,7 +159,11 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
         return EXIT_FAILURE
     engine = make_engine(settings.database.url)
     factory = make_session_factory(engine)
-    receiver = Receiver(settings, factory)
+    receiver: Receiver | ReceiverPool
+    if settings.node.receiver_processes > 1:
+        receiver = ReceiverPool(settings, factory, settings.node.receiver_processes)
+    else:
+        receiver = Receiver(settings, factory)
     pool = WorkerPool(settings, settings.workers.count)
     scheduler = build_scheduler(settings, factory, owner=f"{default_owner()}/dispatch")
     http_server = None
@@ -186,6 +192,12 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
                 log.error("serve_stopping_on_worker_failure", reason=pool.fatal)
                 code = EXIT_FAILURE
                 break
+            if isinstance(receiver, ReceiverPool):
+                receiver.check()
+                if receiver.fatal:
+                    log.error("serve_stopping_on_receiver_failure", reason=receiver.fatal)
+                    code = EXIT_FAILURE
+                    break
     except (AgentError, OSError, SQLAlchemyError) as exc:
         log.error("serve_failed", error=f"{type(exc).__name__}: {exc}")
         code = EXIT_FAILURE

@@ -41,6 +41,10 @@ class NodeSettings:
     #: Empty list: any calling AE is accepted. Otherwise unknown callers are rejected.
     allowed_calling_ae_titles: tuple[str, ...] = ()
     max_associations: int = 10
+    #: Processes that receive (1: the receiver runs in the serve process). With more, serve accepts the
+    #: connections and hands each to the least busy receiver process (docs/BENCHMARKS.md: concurrent
+    #: senders on several cores); max_associations still counts across all of them.
+    receiver_processes: int = 1
     #: Below this much free space in the spool, C-STORE answers 0xA700.
     min_free_disk_mb: int = 512
     #: Network timeouts (seconds).
@@ -310,6 +314,8 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{label}: {port} is not a TCP port")
     if n.max_associations < 1:
         raise ConfigError("node.max_associations: must be at least 1")
+    if not 1 <= n.receiver_processes <= 64:
+        raise ConfigError("node.receiver_processes: must be between 1 and 64")
     if n.tls.enabled and not (n.tls.certificate and n.tls.private_key):
         raise ConfigError("node.tls: enabled needs certificate and private_key")
     if settings.series.quiet_seconds <= 0:

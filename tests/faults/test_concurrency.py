@@ -44,8 +44,12 @@ def _series(tmp_path: Path, index: int) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in truth.files]
 
 
-def test_fifty_concurrent_associations(make_node: Callable[..., Node], tmp_path: Path) -> None:
-    node = make_node(node={"max_associations": MAX_ASSOCIATIONS}, workers={"count": 0}).start()
+@pytest.mark.parametrize("receiver_processes", [1, 3])
+def test_fifty_concurrent_associations(make_node: Callable[..., Node], tmp_path: Path, receiver_processes: int) -> None:
+    """With node.receiver_processes 3 the limit of 10 is shared by three processes fed by serve."""
+    node = make_node(
+        node={"max_associations": MAX_ASSOCIATIONS, "receiver_processes": receiver_processes}, workers={"count": 0},
+    ).start()
     series = [_series(tmp_path, i) for i in range(SENDERS)]
     outcomes = [Outcome(str(s[0].SeriesInstanceUID)) for s in series]
     associated = threading.Barrier(SENDERS, timeout=60)

@@ -36,6 +36,7 @@ from pacs_agent.db.migrate import upgrade_database
 from pacs_agent.db.models import Association, Event, Instance, Series, SeriesState
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.receiver import Receiver, ReceiverError
+from pacs_agent.receiver_pool import ReceiverPool
 from pacs_agent.logging import configure_logging
 from pacs_agent.settings import LogSettings, Settings
 
@@ -83,7 +84,7 @@ def ct_slice(study: str, series: str, index: int, *, sop: str | None = None, siz
 class Peer:
     """A running receiver with its database, for one test."""
 
-    def __init__(self, receiver: Receiver, factory: sessionmaker[Session], settings: Settings) -> None:
+    def __init__(self, receiver: Receiver | ReceiverPool, factory: sessionmaker[Session], settings: Settings) -> None:
         self.receiver = receiver
         self.factory = factory
         self.settings = settings
@@ -110,16 +111,20 @@ class Peer:
             time.sleep(0.05)
 
 
-@pytest.fixture
-def start_receiver(settings_factory: Callable[..., Settings]) -> Iterator[Callable[..., Peer]]:
-    started: list[tuple[Receiver, Any]] = []
+@pytest.fixture(params=[1, 2], ids=["in-process", "2-processes"])
+def start_receiver(request: pytest.FixtureRequest, settings_factory: Callable[..., Settings]) -> Iterator[Callable[..., Peer]]:
+    """Every test that uses it runs twice: the receiver in the test's process (node.receiver_processes 1)
+    and a pool of two receiver processes fed by one listener (pacs_agent.receiver_pool)."""
+    processes: int = request.param
+    started: list[tuple[Receiver | ReceiverPool, Any]] = []
 
     def start(**overrides: Any) -> Peer:
         settings = settings_factory(**overrides)
         engine = make_engine(settings.database.url)
         upgrade_database(settings.database.url, engine)
         factory = make_session_factory(engine)
-        receiver = Receiver(settings, factory)
+        receiver: Receiver | ReceiverPool
+        receiver = ReceiverPool(settings, factory, processes) if processes > 1 else Receiver(settings, factory)
         receiver.start()
         started.append((receiver, engine))
         return Peer(receiver, factory, settings)
@@ -199,14 +204,16 @@ def test_series_lands_in_the_spool_with_rows_and_counts(start_receiver: Callable
 
 
 def test_patient_identifiers_are_not_in_events_or_logs(
-    start_receiver: Callable[..., Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_receiver: Callable[..., Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
 ) -> None:
+    """Logs of this process (in-process receiver) and of the receiver processes (their stdout: fd-level capture)."""
     study, series = generate_uid(), generate_uid()
     files = []
     for i, overrides in enumerate([{}, {"SeriesInstanceUID": "../x"}, {"SeriesInstanceUID": PATIENT_NAME}]):
         files.append(tmp_path / f"{i}.dcm")  # the third abuses a UID field for the patient's name
         ct_slice(study, series, i, **overrides).save_as(files[-1], enforce_file_format=True)
-    peer = start_receiver()
+    peer = start_receiver(log={"format": "json", "level": "DEBUG"})
+    capfd.readouterr()
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the sender does not parse: logs are ours
     stream = io.StringIO()
     configure_logging(LogSettings(format="json", level="DEBUG"), stream=stream)
@@ -220,7 +227,8 @@ def test_patient_identifiers_are_not_in_events_or_logs(
         peer.receiver.stop()
     finally:
         configure_logging(LogSettings(format="json", level="WARNING"), stream=io.StringIO())
-    logs = stream.getvalue()
+    captured = capfd.readouterr()
+    logs = stream.getvalue() + captured.out + captured.err
     assert events.count("instance_rejected") == 2
     assert logs.count('"instance_rejected"') == 2 and "receiver_stopped" in logs
     for text in (events, logs):
@@ -693,6 +701,7 @@ def test_stop_closes_open_associations_in_the_database(start_receiver: Callable[
         _ = peer.receiver.port
 
 
+@pytest.mark.parametrize("start_receiver", [1], ids=["in-process"], indirect=True)  # patches this process
 def test_without_chunked_receive_the_encoded_dataset_is_stored(
     start_receiver: Callable[..., Peer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -707,6 +716,7 @@ def test_without_chunked_receive_the_encoded_dataset_is_stored(
     assert list(peer.receiver.spool.tmp_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("start_receiver", [1], ids=["in-process"], indirect=True)  # patches this process
 @pytest.mark.parametrize("fsync", [False, True])
 def test_storage_fsync_setting_decides_whether_instances_are_synced(
     start_receiver: Callable[..., Peer], monkeypatch: pytest.MonkeyPatch, fsync: bool
