@@ -36,6 +36,7 @@ from benchmarks.common import (
 )
 from benchmarks.ingest import SERIES_SPEC
 from benchmarks.latency import full_width_checkpoint
+from pacs_agent.settings import NodeSettings
 from pe_model.phantoms import PhantomSpec
 
 BIG_SPEC = PhantomSpec(rows=512, columns=512, n_slices=600, pixel_spacing_mm=0.7, slice_spacing_mm=0.6, seed=2,
@@ -79,7 +80,7 @@ class Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def run() -> dict[str, Any]:
+def run(receiver_processes: int = NodeSettings().receiver_processes) -> dict[str, Any]:
     from tests.faults.node import Node, node_config
 
     big = phantom_series("memory-600x512", BIG_SPEC)
@@ -89,7 +90,7 @@ def run() -> dict[str, Any]:
     node = Node(work / "node", node_config(
         work / "node", port=free_port(), checkpoint=str(full_width_checkpoint()),
         workers={"count": 1, "lease_seconds": 900.0, "heartbeat_seconds": 5.0, "poll_seconds": 0.2},
-        series={"quiet_seconds": 2.0}, node={"max_associations": 16},
+        series={"quiet_seconds": 2.0}, node={"max_associations": 16, "receiver_processes": receiver_processes},
     ))
     node.start(timeout=300)
     assert node.process is not None
@@ -130,6 +131,7 @@ def run() -> dict[str, Any]:
     return {
         "benchmark": "memory",
         "machine": asdict(machine()),
+        "receiver_processes": receiver_processes,
         "analysed_series": {"slices": len(big), "state": state},
         "received_series": {"count": len(others), "slices_each": len(base)},
         "instances_stored": stored,
@@ -146,7 +148,8 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join([
         "| scenario | peak RSS sum (MB) | peak PSS sum (MB) | target (MB) | analysed series | instances stored |",
         "| --- | ---: | ---: | ---: | --- | ---: |",
-        f"| receive 4 x 400 slices while analysing 600 slices (full-width model) | {data['peak_rss_sum_mb']} | "
+        f"| receive 4 x 400 slices while analysing 600 slices (full-width model, receiver_processes "
+        f"{data.get('receiver_processes', 1)}) | {data['peak_rss_sum_mb']} | "
         f"{data['peak_pss_sum_mb']} | {data['target_mb']} | {data['analysed_series']['state']} | {data['instances_stored']} |",
     ])
 
@@ -154,8 +157,10 @@ def table(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory.json"))
+    parser.add_argument("--receiver-processes", type=int, default=NodeSettings().receiver_processes,
+                        help="node.receiver_processes of the node (default: the setting's default)")
     args = parser.parse_args(argv)
-    data = run()
+    data = run(args.receiver_processes)
     write_json(args.out, data)
     print(table(data))
     return 0

@@ -561,6 +561,71 @@ def _apply_instance(
     known_sops[record.sop_instance_uid] = record.path
 
 
+def reconcile_spool(session_factory: sessionmaker[Session], spool: Spool, *, settled_s: float = 0.0) -> int:
+    """Record spool files that have no Instance row (crash between rename and commit); return how many.
+
+    One query for every series' instance count; only folders whose file count differs are compared
+    file by file, so a start-up over a large spool stays quick. ``settled_s``: leave out files written
+    less than that many seconds ago (while other receivers run, their newest files are still on their
+    way to the database).
+    """
+    with session_factory() as session:
+        counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).tuples().all())
+    recorded = 0
+    newest = time.time() - settled_s if settled_s > 0 else float("inf")
+    for study_uid, series_uid, folder in spool.iter_incoming():
+        files = sorted(folder.glob(f"*{INSTANCE_SUFFIX}"))
+        if len(files) == counts.get(series_uid, 0):
+            continue
+        with session_factory() as session:
+            known = set(session.scalars(select(Instance.path).join(Series).where(Series.series_instance_uid == series_uid)))
+        records: list[_Record] = []
+        for file in files:
+            if spool.relative(file) in known:
+                continue
+            record = _record_from_file(spool, file, study_uid, series_uid, newest)
+            if record is not None:
+                records.append(record)
+        if records:
+            apply_records(session_factory, spool, records)
+            recorded += len(records)
+    if recorded:
+        log.warning("receiver_reconciled_spool", instances=recorded)
+    return recorded
+
+
+def _record_from_file(spool: Spool, file: Path, study_uid: str, series_uid: str, newest: float) -> _Record | None:
+    try:
+        stat = file.stat()
+        if stat.st_mtime > newest:
+            return None
+        header = read_header(file)
+        meta = header.file_meta
+        sop_uid = validate_uid(str(header.SOPInstanceUID))
+        if file.name != f"{sop_uid}{INSTANCE_SUFFIX}":
+            raise InvalidUIDError("file name and SOPInstanceUID differ")
+    except FileNotFoundError:
+        return None  # deleted meanwhile (a duplicate dropped by a writer, retention)
+    except (InvalidDicomError, InvalidUIDError, AttributeError, OSError, ValueError) as exc:
+        log.error("receiver_spool_file_unreadable", path=spool.relative(file), error=str(exc))
+        return None
+    return ReceivedInstance(
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        sop_class_uid=str(header.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", ""))),
+        transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
+        path=spool.relative(file),
+        size_bytes=stat.st_size,
+        received_at=datetime.fromtimestamp(stat.st_mtime, timezone.utc),
+        association_id=None,
+        calling_ae_title="",
+        modality=str(header.get("Modality", "")),
+        series_description=str(header.get("SeriesDescription", "")),
+        accession_number=str(header.get("AccessionNumber", "")),
+    )
+
+
 class Receiver:
     """The node's storage SCP; started by `pe-agent serve` in the main process."""
 
@@ -713,62 +778,8 @@ class Receiver:
     wait_idle = flush
 
     def reconcile(self) -> int:
-        """Record spool files that have no Instance row (crash between rename and commit); return how many.
-
-        One query for every series' instance count; only folders whose file count differs are compared
-        file by file, so a start-up over a large spool stays quick.
-        """
-        with self._factory() as session:
-            counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).tuples().all())
-        recorded = 0
-        for study_uid, series_uid, folder in self._spool.iter_incoming():
-            files = sorted(folder.glob(f"*{INSTANCE_SUFFIX}"))
-            if len(files) == counts.get(series_uid, 0):
-                continue
-            with self._factory() as session:
-                known = set(
-                    session.scalars(select(Instance.path).join(Series).where(Series.series_instance_uid == series_uid))
-                )
-            records: list[_Record] = []
-            for file in files:
-                if self._spool.relative(file) in known:
-                    continue
-                record = self._record_from_file(file, study_uid, series_uid)
-                if record is not None:
-                    records.append(record)
-            if records:
-                apply_records(self._factory, self._spool, records)
-                recorded += len(records)
-        if recorded:
-            log.warning("receiver_reconciled_spool", instances=recorded)
-        return recorded
-
-    def _record_from_file(self, file: Path, study_uid: str, series_uid: str) -> _Record | None:
-        try:
-            header = read_header(file)
-            meta = header.file_meta
-            sop_uid = validate_uid(str(header.SOPInstanceUID))
-            if file.name != f"{sop_uid}{INSTANCE_SUFFIX}":
-                raise InvalidUIDError("file name and SOPInstanceUID differ")
-            stat = file.stat()
-        except (InvalidDicomError, InvalidUIDError, AttributeError, OSError, ValueError) as exc:
-            log.error("receiver_spool_file_unreadable", path=self._spool.relative(file), error=str(exc))
-            return None
-        return ReceivedInstance(
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid,
-            sop_class_uid=str(header.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", ""))),
-            transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
-            path=self._spool.relative(file),
-            size_bytes=stat.st_size,
-            received_at=datetime.fromtimestamp(stat.st_mtime, timezone.utc),
-            association_id=None,
-            calling_ae_title="",
-            modality=str(header.get("Modality", "")),
-            series_description=str(header.get("SeriesDescription", "")),
-            accession_number=str(header.get("AccessionNumber", "")),
-        )
+        """Record spool files that have no Instance row (crash between rename and commit); return how many."""
+        return reconcile_spool(self._factory, self._spool)
 
     # -- event handlers (pynetdicom threads; never raise) -------------------------------------------
 
@@ -1009,5 +1020,6 @@ __all__ = [
     "ReceivedInstance",
     "apply_records",
     "read_header",
+    "reconcile_spool",
     "server_ssl_context",
 ]

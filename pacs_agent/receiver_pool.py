@@ -15,8 +15,8 @@ had accepted it. What stays exact across processes:
   two processes creating the same series meanwhile is resolved by the writer's one-by-one retry.
 - A receiver process that dies is restarted (`MAX_RESTARTS` per slot; then the pool is ``fatal`` and
   serve stops with exit code 1). What it had acknowledged but not yet committed (at most ~100 ms of
-  records) is recorded by a reconciliation `RECONCILE_DELAY_SECONDS` later, once the other processes'
-  writers have committed what they hold.
+  records) is recorded by a reconciliation `RECONCILE_DELAY_SECONDS` later, of the files older than
+  `SETTLED_SECONDS` (the other processes' writers commit theirs within ~100 ms).
 - The receiver processes stop when told (serve's SIGTERM/SIGINT path), on SIGTERM, or when this process
   disappears (their control pipe reaches end-of-file): they never outlive the node holding the port.
 """
@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.errors import AgentError
 from pacs_agent.logging import configure_logging, get_logger
-from pacs_agent.receiver import LISTEN_BACKLOG, Receiver, ReceiverError, SharedCounts
+from pacs_agent.receiver import LISTEN_BACKLOG, Receiver, ReceiverError, SharedCounts, reconcile_spool
 from pacs_agent.settings import Settings
 from pacs_agent.storage import Spool
 
@@ -52,6 +52,8 @@ MAX_RESTARTS = 5
 START_TIMEOUT_SECONDS = 60.0
 #: After a receiver process died: wait this long, then record the spool files it left without a row (s).
 RECONCILE_DELAY_SECONDS = 5.0
+#: ... and leave out files younger than this: the live processes are still committing those (s).
+SETTLED_SECONDS = 2.0
 #: A hand-over to a process that does not take it within this time goes to the next one (s).
 HANDOFF_TIMEOUT_SECONDS = 5.0
 _CONTROL_TIMEOUT_SECONDS = 10.0
@@ -87,14 +89,14 @@ class ReceiverPool:
         self._stopping = threading.Event()
         self._reconcile_at: float | None = None
         self._child_settings = settings
-        self._maintenance = Receiver(settings, session_factory)  # reconciliation only; never started
+        self._spool = Spool(settings.spool_root, settings.node.min_free_disk_mb, fsync=settings.storage.fsync)
         self.fatal = ""
 
     # -- what serve and the tests use, as for Receiver ------------------------------------------------
 
     @property
     def spool(self) -> Spool:
-        return self._maintenance.spool
+        return self._spool
 
     @property
     def port(self) -> int:
@@ -112,7 +114,7 @@ class ReceiverPool:
             return
         node = self._settings.node
         cleared = self.spool.clear_tmp()
-        recovered = self._maintenance.reconcile()
+        recovered = reconcile_spool(self._factory, self._spool)
         family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
         try:
             listener = socket.create_server((node.host, node.port), family=family, backlog=LISTEN_BACKLOG)
@@ -235,7 +237,7 @@ class ReceiverPool:
         if self._reconcile_at is not None and time.monotonic() >= self._reconcile_at:
             self._reconcile_at = None
             try:
-                recorded = self._maintenance.reconcile()
+                recorded = reconcile_spool(self._factory, self._spool, settled_s=SETTLED_SECONDS)
             except (AgentError, OSError, SQLAlchemyError) as exc:
                 log.error("receiver_reconcile_failed", error=f"{type(exc).__name__}: {exc}")
                 self._reconcile_at = time.monotonic() + RECONCILE_DELAY_SECONDS

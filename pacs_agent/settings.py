@@ -41,10 +41,10 @@ class NodeSettings:
     #: Empty list: any calling AE is accepted. Otherwise unknown callers are rejected.
     allowed_calling_ae_titles: tuple[str, ...] = ()
     max_associations: int = 10
-    #: Processes that receive (1: the receiver runs in the serve process). With more, serve accepts the
-    #: connections and hands each to the least busy receiver process (docs/BENCHMARKS.md: concurrent
-    #: senders on several cores); max_associations still counts across all of them.
-    receiver_processes: int = 1
+    #: Processes that receive. serve accepts each connection and hands it to the least busy receiver
+    #: process, so concurrent senders use several cores (docs/BENCHMARKS.md); max_associations counts
+    #: across all of them. 1: the receiver runs inside the serve process (least memory).
+    receiver_processes: int = 2
     #: Below this much free space in the spool, C-STORE answers 0xA700.
     min_free_disk_mb: int = 512
     #: Network timeouts (seconds).

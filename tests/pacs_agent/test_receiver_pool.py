@@ -126,6 +126,8 @@ def test_a_dead_process_is_replaced_and_what_it_left_is_recorded(
     target = pool.spool.instance_path(study, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(orphan.read_bytes())
+    written = time.time() - 10  # received before the kill; files younger than SETTLED_SECONDS wait
+    os.utime(target, (written, written))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         pool.check()  # what serve does every half second
