@@ -1,7 +1,7 @@
 """Ingest: a 400-slice 512 x 512 CT series (~210 MB) sent by dcmtk storescu over loopback.
 
 Receivers, measured in the same run: dcmtk storescp writing files, Orthanc, the node (`pe-agent
-serve` with no workers), the node's Receiver class alone (its associations event-driven, see
+serve` with no workers, with its default 2 receiver processes and with 1), the node's Receiver class alone (its associations event-driven, see
 pacs_agent.pynetdicom_tuning), and a bare pynetdicom SCP, also with its 1 ms polling sleeps capped
 at 100 us (``--cap-sleep``), which shows what the polling costs per instance. 1, 2 and 4 concurrent
 senders split the same 400 files. Each repetition starts a fresh receiver (empty storage: nothing is a duplicate) and times from the first
@@ -155,8 +155,8 @@ def receivers(senders: tuple[int, ...]) -> list[Receiver]:
     return [
         Receiver("dcmtk storescp (-pdu 131072, TCP_NODELAY=1)", "STORESCP", storescp, senders),
         Receiver("Orthanc (TCP_NODELAY=1)", "ORTHANC", orthanc, senders),
-        Receiver("pe-agent serve (workers 0)", AGENT_AE_TITLE, agent_serve(1), senders),
-        Receiver("pe-agent serve (workers 0, receiver_processes 2)", AGENT_AE_TITLE, agent_serve(2), senders),
+        Receiver("pe-agent serve (workers 0, receiver_processes 2: default)", AGENT_AE_TITLE, agent_serve(2), senders),
+        Receiver("pe-agent serve (workers 0, receiver_processes 1)", AGENT_AE_TITLE, agent_serve(1), senders),
         Receiver("agent Receiver class alone (event-driven)", AGENT_AE_TITLE, _subprocess_receiver("agent", 0.0), senders),
         Receiver("bare pynetdicom SCP (encoded_dataset -> file)", "BARE_SCP", _subprocess_receiver("bare", 0.0), one),
         Receiver("bare pynetdicom SCP, sleeps capped at 100 us", "BARE_SCP", _subprocess_receiver("bare", 1e-4), one),

@@ -19,6 +19,8 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import time
@@ -84,6 +86,22 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise DeviceError(f"device {device!r} is not supported (use cpu, cuda or auto)")
     return resolved
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Loading a checkpoint allocates the file's bytes, the unpickled weights and the unfolded network,
+    then frees them; glibc keeps those pages in the process (the full-width model's worker: ~600 MB
+    resident after loading, ~400 MB after a trim, measured 2026-11-27).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def _available_cores() -> int:
@@ -156,7 +174,7 @@ class Predictor:
         fp32 on CPU), fp32, or bf16 (also on CPUs with native bf16: about 2x faster).
         """
         checkpoint = load_checkpoint(ref, expected_sha256=expected_sha256)
-        return cls(
+        predictor = cls(
             checkpoint,
             device=device,
             gradcam_top_k=gradcam_top_k,
@@ -164,6 +182,9 @@ class Predictor:
             precision=precision,
             num_threads=num_threads,
         )
+        del checkpoint  # the file's bytes and the unfolded weights: the predictor keeps neither
+        return_freed_memory()
+        return predictor
 
     @property
     def model_info(self) -> ModelInfo:
