@@ -235,12 +235,14 @@ def resample_isotropic(volume: Volume, spacing_mm: float = 1.0) -> tuple[torch.T
     row_spacing, column_spacing = volume.pixel_spacing_mm
     gy = max(1, round(h * row_spacing / spacing_mm))
     gx = max(1, round(w * column_spacing / spacing_mm))
-    source = torch.from_numpy(np.ascontiguousarray(volume.voxels, dtype=np.float32))
+    # int16 or float32 HU (pe_model.volume); slices are converted to float32 as they are resized, so a
+    # float32 copy of the whole series is never made.
+    source = torch.from_numpy(np.ascontiguousarray(volume.voxels))
     positions = volume.positions_mm
     z_count = int(math.floor((positions[-1] - positions[0]) / spacing_mm + 1e-6)) + 1
     targets = positions[0] + np.arange(z_count, dtype=np.float64) * spacing_mm
     if d == 1:
-        return _resize_slices(source[:1], (gy, gx)), targets[:1], np.zeros(1, dtype=np.int64)
+        return _resize_slices(source[:1].to(torch.float32), (gy, gx)), targets[:1], np.zeros(1, dtype=np.int64)
     lower = np.clip(np.searchsorted(positions, targets, side="right") - 1, 0, d - 2)
     t = (targets - positions[lower]) / (positions[lower + 1] - positions[lower])
     t = np.clip(t, 0.0, 1.0)
@@ -256,7 +258,7 @@ def resample_isotropic(volume: Volume, spacing_mm: float = 1.0) -> tuple[torch.T
         below, above = lower[sl], lower[sl] + 1
         missing = [int(k) for k in np.union1d(below, above) if int(k) not in resized]
         if missing:
-            fresh = _resize_slices(source[missing], (gy, gx))
+            fresh = _resize_slices(source[missing].to(torch.float32), (gy, gx))
             resized.update(zip(missing, fresh.unbind(0), strict=True))
         lo = torch.stack([resized[int(k)] for k in below])
         hi = torch.stack([resized[int(k)] for k in above])

@@ -54,7 +54,9 @@ class Volume:
     """A HU volume of one series, slices ascending along the slice normal.
 
     ``voxels`` has shape (D, H, W): slice k lies at ``positions_mm[k]`` along ``normal`` and was
-    read from ``sop_instance_uids[k]`` (frame ``frame_numbers[k]`` of a multi-frame image).
+    read from ``sop_instance_uids[k]`` (frame ``frame_numbers[k]`` of a multi-frame image). Values are
+    HU: int16 when every HU is an integer that fits (integral RescaleSlope and RescaleIntercept), else
+    float32; consumers convert what they use to float32 (exact for int16).
     """
 
     voxels: np.ndarray
@@ -476,13 +478,22 @@ def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.nda
 # Pixel decoding
 
 
+def _integral(value: float) -> bool:
+    return float(value).is_integer() and abs(value) < 2**15
+
+
 def _decode_into(
     voxels: np.ndarray,
     ordered: list[_Image],
     sources: list[Path | Dataset],
     headers: dict[int, Dataset],
-) -> None:
-    """Decode each chosen frame straight into its slice of ``voxels`` (D, H, W) float32, in HU."""
+) -> np.ndarray:
+    """Decode each chosen frame straight into its slice of ``voxels`` (D, H, W), in HU; returns the array.
+
+    ``voxels`` int16 (every image has an integral slope and intercept): each slice's HU are computed
+    exactly in int32 and stored; a slice whose HU do not fit int16 turns the whole array into float32
+    (exactly: int16 values are float32 values) and decoding goes on in float32.
+    """
     by_source: dict[int, list[tuple[int, _Image]]] = {}
     for k, image in enumerate(ordered):
         by_source.setdefault(image.source_index, []).append((k, image))
@@ -504,6 +515,16 @@ def _decode_into(
                     raise UnreadablePixelsError(
                         f"image {uid} decodes to shape {arr.shape}, expected {rows}x{columns} grayscale"
                     )
+                if voxels.dtype == np.int16:
+                    hu = arr.astype(np.int32)
+                    if image.slope != 1.0:
+                        hu *= int(image.slope)
+                    if image.intercept != 0.0:
+                        hu += int(image.intercept)
+                    if hu.size and (int(hu.min()) < -(2**15) or int(hu.max()) >= 2**15):
+                        voxels = voxels.astype(np.float32)
+                    voxels[k] = hu
+                    continue
                 out = voxels[k]
                 out[...] = arr
                 if image.slope != 1.0:
@@ -514,6 +535,7 @@ def _decode_into(
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
             raise UnreadablePixelsError(f"cannot decode the pixel data of image {uid}: {exc}") from exc
+    return voxels
 
 
 def _check_native_length(src: Path | Dataset, header: Dataset | None, uid: str) -> None:
@@ -608,8 +630,11 @@ def load_series(source: Source, *, min_slices: int = 10) -> Volume:
 
     first = ordered[0]
     assert first.orientation is not None and first.pixel_spacing is not None
-    voxels = np.empty((len(ordered), first.rows, first.columns), dtype=np.float32)
-    _decode_into(voxels, ordered, sources, headers)
+    # HU as int16 when they are integers (integral RescaleSlope and RescaleIntercept: nearly every CT):
+    # half the memory of float32 for the largest array of an analysis, and the same values.
+    exact = all(_integral(im.slope) and _integral(im.intercept) for im in ordered)
+    voxels = np.empty((len(ordered), first.rows, first.columns), dtype=np.int16 if exact else np.float32)
+    voxels = _decode_into(voxels, ordered, sources, headers)
     for uid, reason in skipped:
         log.info("volume.image_skipped", sop_instance_uid=uid, reason=reason)
     volume = Volume(

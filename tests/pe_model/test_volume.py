@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -149,7 +151,7 @@ def test_ascending_series_from_folder(tmp_path: Path) -> None:
     write(axial_series(Z), tmp_path / "a")
     volume = load_series(tmp_path / "a")
     assert_at_positions(volume, Z)
-    assert volume.voxels.dtype == np.float32
+    assert volume.voxels.dtype == np.int16  # integral slope and intercept: HU are integers
     assert volume.pixel_spacing_mm == (0.7, 0.8)
     assert volume.study_instance_uid == STUDY and volume.series_instance_uid == SERIES
     assert volume.slice_thickness_mm == 1.0
@@ -566,3 +568,32 @@ def test_a_decoder_failure_is_wrapped_with_its_cause(tmp_path: Path) -> None:
     with pytest.raises(UnreadablePixelsError, match="cannot decode the pixel data of image") as info:
         load_series(tmp_path)
     assert info.value.__cause__ is not None
+
+
+def test_hu_are_int16_only_when_exact_and_in_range(tmp_path: Path) -> None:
+    """int16 HU for integral rescales (half the memory), float32 for a fractional slope, and float32 as
+    soon as one slice's HU leave the int16 range; the values are the same either way."""
+    fractional = load_series(write(axial_series(Z, slope=0.5, intercept=-1024.0), tmp_path / "half"))
+    assert fractional.voxels.dtype == np.float32
+    for k, z in enumerate(Z):
+        np.testing.assert_allclose(fractional.voxels[k, 1:, 1:], hu_of_position(z), atol=0.5)
+    # A uint16 image with intercept +2000: 65535 + 2000 does not fit int16, so the whole volume is float32.
+    datasets = axial_series(Z, bits=16, signed=False)
+    datasets[7] = ct_slice((-50.0, -60.0, Z[7]), signed=False, intercept=2000.0,
+                           stored=np.full((40, 36), 65535, dtype=np.uint16))
+    datasets[7].BitsStored, datasets[7].HighBit = 16, 15
+    wide = load_series(write(datasets, tmp_path / "wide"))
+    assert wide.voxels.dtype == np.float32
+    assert float(wide.voxels[7].max()) == 67535.0
+    for k in (0, 6, 8, 11):  # slices decoded before and after the switch
+        np.testing.assert_allclose(wide.voxels[k, 1:, 1:], hu_of_position(Z[k]))
+
+
+def test_int16_and_float32_volumes_resample_identically(tmp_path: Path) -> None:
+    from pe_model.preprocessing import resample_isotropic
+
+    volume = load_series(write(axial_series(Z), tmp_path / "a"))
+    assert volume.voxels.dtype == np.int16
+    as_float = dataclasses.replace(volume, voxels=volume.voxels.astype(np.float32))
+    for a, b in zip(resample_isotropic(volume, 1.0), resample_isotropic(as_float, 1.0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
