@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.errors import AgentError
 from pacs_agent.logging import configure_logging, get_logger
-from pacs_agent.receiver import LISTEN_BACKLOG, Receiver, ReceiverError, SharedCounts, reconcile_spool
+from pacs_agent.receiver import LISTEN_BACKLOG, Receiver, ReceiverError, SharedCounts, reconcile_spool, server_ssl_context
 from pacs_agent.settings import Settings
 from pacs_agent.storage import Spool
 
@@ -113,6 +113,8 @@ class ReceiverPool:
         if self._listener is not None:
             return
         node = self._settings.node
+        if node.tls.enabled:
+            server_ssl_context(node.tls)  # unreadable certificate or key: fail here, with the reason, not in each process
         cleared = self.spool.clear_tmp()
         recovered = reconcile_spool(self._factory, self._spool)
         family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
@@ -228,7 +230,10 @@ class ReceiverPool:
                     self.fatal = f"receiver process {child.index} died {child.restarts + 1} times (exit code {code})"
                     log.error("receiver_process_given_up", index=child.index, exit_code=code)
                 continue
-            log.error("receiver_process_died", index=child.index, exit_code=code, restart=child.restarts + 1)
+            if code == 0:  # it was told to stop (SIGTERM of the whole service, usually): not a crash
+                log.warning("receiver_process_exited", index=child.index, exit_code=code, restart=child.restarts + 1)
+            else:
+                log.error("receiver_process_died", index=child.index, exit_code=code, restart=child.restarts + 1)
             replacement = self._spawn(child.index)
             replacement.restarts = child.restarts + 1
             with self._children_lock:
