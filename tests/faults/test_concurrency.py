@@ -4,13 +4,16 @@ A-ASSOCIATE-RJ (not dropped, not aborted mid-transfer), and what the accepted on
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy import func, select
 
 from pacs_agent.db.models import Instance, Series
@@ -33,6 +36,24 @@ class Outcome:
     aborted: bool = False
     result: tuple[int, int, int] | None = None  # (result, source, reason) of an A-ASSOCIATE-RJ
     statuses: list[int] = field(default_factory=list)
+    seconds: float = 0.0  # how long the association request took
+    #: The A-ASSOCIATE-RJ arrived but pynetdicom's requestor aborted (see `_reject_left_in_queue`).
+    requestor_race: bool = False
+
+
+def _reject_left_in_queue(assoc: Any) -> tuple[int, int, int] | None:
+    """The A-ASSOCIATE-RJ a pynetdicom requestor received but did not act on, if any.
+
+    A race in pynetdicom's requestor (not in the node): its DUL thread receives the RJ, queues it for the
+    ACSE and closes the connection at once (PS3.8 action AE-4); if the ACSE thread has not yet checked that
+    the connection is up (it checks after sending the request), it finds it closed and aborts without
+    reading the queue, logging nothing. On a busy machine that happens to a few of 40 fast rejections. The
+    rejection was received as sent, so it is read from the queue here.
+    """
+    for primitive in list(assoc.dul.to_user_queue.queue):
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            return int(primitive.result), int(primitive.result_source or 0), int(primitive.diagnostic or 0)
+    return None
 
 
 def _series(tmp_path: Path, index: int) -> list[Dataset]:
@@ -59,12 +80,20 @@ def test_fifty_concurrent_associations(make_node: Callable[..., Node], tmp_path:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
         outcome = outcomes[index]
+        started = time.monotonic()
         assoc = ae.associate("127.0.0.1", node.port, ae_title=AGENT_AE_TITLE)
+        outcome.seconds = round(time.monotonic() - started, 3)
         outcome.established = assoc.is_established
         outcome.rejected = assoc.is_rejected
+        outcome.aborted = assoc.is_aborted
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
             p = assoc.acceptor.primitive
             outcome.result = (int(p.result or 0), int(p.result_source or 0), int(p.diagnostic or 0))
+        elif assoc.is_aborted:
+            reject = _reject_left_in_queue(assoc)
+            if reject is not None:
+                outcome.rejected, outcome.aborted, outcome.result = True, False, reject
+                outcome.requestor_race = True
         try:
             associated.wait()  # every association is open (or refused) before anyone sends or releases
         except threading.BrokenBarrierError:
@@ -92,7 +121,8 @@ def test_fifty_concurrent_associations(make_node: Callable[..., Node], tmp_path:
     assert len(refused) == SENDERS - MAX_ASSOCIATIONS
     # Refused cleanly: an A-ASSOCIATE-RJ, "rejected-transient" (2) by the service provider's presentation
     # layer (3) with "local limit exceeded" (2) - not a dropped connection.
-    assert all(o.rejected for o in refused), "an excess association was dropped instead of rejected"
+    dropped = [(o.seconds, o.aborted) for o in refused if not o.rejected]
+    assert not dropped, f"excess associations dropped instead of rejected (seconds, aborted): {dropped}\n{node.log_tail(80)}"
     assert {o.result for o in refused} == {(2, 3, 2)}, {o.result for o in refused}
     assert all(not o.aborted and o.statuses == [0] * INSTANCES_PER_SENDER for o in accepted)
 
