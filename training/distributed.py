@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
+import structlog
 import torch
 import torch.distributed as dist
 
@@ -58,9 +60,28 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
 
 
+#: How long a rank waits at the end for the others before it leaves the process group anyway (s).
+SHUTDOWN_BARRIER_SECONDS = 120.0
+
+
 def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group once every rank got here (at most `SHUTDOWN_BARRIER_SECONDS`).
+
+    Rank 0 evaluates and packages alone at the end; a rank that tore its gloo group down and exited
+    meanwhile was seen to abort in its exit ("terminate called without an active exception", exit -6)
+    once in a full test run. Waiting for each other first means no rank leaves while another still
+    holds the group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=SHUTDOWN_BARRIER_SECONDS))
+        else:
+            dist.barrier()
+    except RuntimeError as exc:  # another rank failed or is gone: leave anyway
+        structlog.get_logger(__name__).warning("distributed_shutdown_barrier_failed", error=str(exc)[:200])
+    dist.destroy_process_group()
 
 
 def broadcast_flag(context: DistributedContext, value: bool) -> bool:
