@@ -196,13 +196,14 @@ class Node:
         while time.monotonic() < deadline:
             text = self.log_text()
             current = text[text.rfind(start_marker):]
-            if current.count('"event": "worker_started"') >= workers:
+            # serve_ready: also the scheduler and the HTTP server are up (C-ECHO answers before they are).
+            if current.count('"event": "worker_started"') >= workers and '"event": "serve_ready"' in current:
                 return
             code = self.exit_code()
             if code is not None:
                 raise RuntimeError(f"the node exited at start with code {code}:\n{self.log_tail()}")
             time.sleep(0.2)
-        raise TimeoutError(f"the node's {workers} worker(s) did not start within {timeout:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"the node did not log serve_ready and {workers} worker(s) started within {timeout:.0f} s:\n{self.log_tail()}")
 
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
