@@ -258,7 +258,8 @@ def threshold_at_specificity(y_true: np.ndarray, y_score: np.ndarray, specificit
     negatives = np.sort(scores[~truth])
     if negatives.shape[0] == 0:
         raise EvaluationInputError("a threshold at a given specificity needs at least one negative case")
-    needed = math.ceil(specificity * negatives.shape[0] - 1e-9)
+    # The target is met within 1e-9 of specificity (not of the count: a target of 1e-9 asks for nothing).
+    needed = math.ceil((specificity - 1e-9) * negatives.shape[0])
     if needed <= 0:
         return float(np.nextafter(scores.min(), -np.inf))
     return float(negatives[needed - 1])
