@@ -300,10 +300,6 @@ class Admission:
                 with self._shared.get_lock():
                     self._shared[self._slot] = len(self._admitted)
 
-    def admitted(self) -> int:
-        with self._lock:
-            return len(self._admitted)
-
 
 class _DeferredHandshakeContext(ssl.SSLContext):
     """An SSL context whose server sockets do the TLS handshake on their first read.
@@ -627,7 +623,8 @@ def _record_from_file(spool: Spool, file: Path, study_uid: str, series_uid: str,
 
 
 class Receiver:
-    """The node's storage SCP; started by `pe-agent serve` in the main process."""
+    """The node's storage SCP: in `pe-agent serve`'s process (node.receiver_processes 1), or one in each
+    receiver process of a `pacs_agent.receiver_pool.ReceiverPool`, serving the connections serve hands over."""
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ had accepted it. What stays exact across processes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import multiprocessing
@@ -151,21 +152,16 @@ class ReceiverPool:
         if listener is None:
             return
         self._stopping.set()
-        try:
+        with contextlib.suppress(OSError):  # wakes the accept loop (Linux: accept() fails with EINVAL)
             listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         listener.close()
         if self._acceptor is not None:
             self._acceptor.join(timeout=10)
             self._acceptor = None
         children = self._snapshot()
         for child in children:
-            try:
-                with child.lock:
-                    child.control.send(("stop",))
-            except (OSError, ValueError):
-                pass  # already gone
+            with contextlib.suppress(OSError, ValueError), child.lock:  # a process already gone needs no telling
+                child.control.send(("stop",))
         for child in children:
             child.process.join(timeout=45)  # its Receiver.stop: 5 s for aborts, up to 30 s to commit
             if child.process.is_alive():
@@ -304,10 +300,8 @@ class ReceiverPool:
 
     def _close(self, child: _Child) -> None:
         for closable in (child.handoff, child.control):
-            try:
+            with contextlib.suppress(OSError):
                 closable.close()
-            except OSError:
-                pass
 
     def _accept_loop(self) -> None:
         listener = self._listener

@@ -187,8 +187,8 @@ def test_receiver_processes_exit_when_serve_is_killed(settings_factory: Callable
         while time.monotonic() < deadline and any(_alive(pid) for pid in children):
             time.sleep(0.1)
         assert not any(_alive(pid) for pid in children)
-        with socket.create_server(("127.0.0.1", port)):
-            pass  # nobody holds the port any more
+        with socket.create_server(("127.0.0.1", port)) as again:  # nobody holds the port any more
+            assert again.getsockname()[1] == port
     finally:
         process.kill()
 
