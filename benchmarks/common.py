@@ -24,7 +24,7 @@ from typing import Any
 
 import pydicom
 
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT_AE_TITLE = "PE_AGENT"

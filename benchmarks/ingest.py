@@ -37,7 +37,7 @@ from benchmarks.common import (
     wait_port,
     write_json,
 )
-from pe_model.phantoms import PhantomSpec
+from phantoms import PhantomSpec
 
 SERIES_SPEC = PhantomSpec(rows=512, columns=512, n_slices=400, pixel_spacing_mm=0.7, slice_spacing_mm=0.8, seed=1,
                           series_description="CTPA benchmark", patient_id="BENCH-INGEST")

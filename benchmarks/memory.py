@@ -37,7 +37,7 @@ from benchmarks.common import (
 from benchmarks.ingest import SERIES_SPEC
 from benchmarks.latency import full_width_checkpoint
 from pacs_agent.settings import NodeSettings
-from pe_model.phantoms import PhantomSpec
+from phantoms import PhantomSpec
 
 BIG_SPEC = PhantomSpec(rows=512, columns=512, n_slices=600, pixel_spacing_mm=0.7, slice_spacing_mm=0.6, seed=2,
                        series_description="CTPA benchmark 600", patient_id="BENCH-MEMORY")

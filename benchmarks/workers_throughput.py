@@ -40,7 +40,7 @@ from sqlalchemy import func, select, update  # noqa: E402
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, JobStatus  # noqa: E402
 from pe_model.benchmark import cpu_model_name  # noqa: E402
-from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series  # noqa: E402
+from phantoms import PhantomSpec, PhantomTruth, write_phantom_series  # noqa: E402
 from tests.faults.node import wait_until  # noqa: E402
 from tests.scaleout.cluster import Cluster, send_series  # noqa: E402
 from tests.support.pacs_scp import PacsSCP  # noqa: E402

@@ -156,7 +156,7 @@ def run_check(args: argparse.Namespace, workdir: Path) -> tuple[int, dict[str, A
     import torch
 
     from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
-    from pe_model.phantoms import PhantomSpec, write_phantom_series
+    from phantoms import PhantomSpec, write_phantom_series
     from pe_model.predictor import Predictor, resolve_device
     from pe_model.preprocessing import PreprocessConfig
 

@@ -50,7 +50,7 @@ from sqlalchemy.orm import Session
 from pacs_agent.db.models import DeliveryStatus, Job, JobStatus, OutputKind, Series, SeriesState
 from pacs_agent.db.session import make_engine
 from pacs_agent.errors import AgentError
-from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -1,6 +1,6 @@
 """``python -m pe_model benchmark``: per-stage time and peak RSS of ``Predictor.predict``.
 
-Writes a synthetic CTPA phantom (``pe_model.phantoms``) to a temporary folder in a separate
+Writes a synthetic CTPA phantom (``phantoms``) to a temporary folder in a separate
 process, so the phantom's own memory does not count, then loads a checkpoint (a given file, or a
 random-init model of the chosen width and input size) and runs ``predict`` ``repeats`` times:
 the first run is cold (allocator and kernel warm-up), later runs show the steady state of a
@@ -26,7 +26,7 @@ from rich.table import Table
 
 from pe_model.checkpoint import ModelCard, build_initial_checkpoint, small_sequence_config
 from pe_model.networks.sequence import SequenceConfig
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from pe_model.predictor import Predictor
 from pe_model.preprocessing import PreprocessConfig
 

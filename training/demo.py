@@ -154,7 +154,7 @@ def demo_card(n_train: int, evaluation: DemoEvaluation | None) -> ModelCard:
     return ModelCard(
         name=DEMO_NAME,
         version=DEMO_VERSION,
-        training_data=f"synthetic CTPA phantoms (pe_model.phantoms), {n_train} series",
+        training_data=f"synthetic CTPA phantoms (phantoms), {n_train} series",
         intended_use=DEMO_INTENDED_USE,
         metrics=evaluation.card_metrics() if evaluation is not None else {},
         not_for_clinical_use=True,

@@ -22,7 +22,7 @@ import structlog
 from tqdm import tqdm
 
 from pe_model.labels import EXAM_LABELS
-from pe_model.phantoms import PhantomSpec, PhantomTruth, random_spec, write_phantom_series
+from phantoms import PhantomSpec, PhantomTruth, random_spec, write_phantom_series
 from training.dataset import CSV_COLUMNS
 
 log = structlog.get_logger(__name__)
@@ -162,7 +162,7 @@ def read_phantom_truth(out_dir: str | Path) -> list[PhantomRecord]:
 
 
 def demo_specs(count: int, *, seed: int, **overrides: Any) -> list[PhantomSpec]:
-    """``count`` varied CTPA phantom specs (pe_model.phantoms.random_spec), reproducible from ``seed``.
+    """``count`` varied CTPA phantom specs (phantoms.random_spec), reproducible from ``seed``.
 
     Every phantom gets its own patient ID so the patient-grouped split treats them as patients.
     """

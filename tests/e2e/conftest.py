@@ -20,7 +20,7 @@ import pytest
 
 from pacs_agent.demo import AgentProcess, free_port
 from pe_model.checkpoint import build_initial_checkpoint
-from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 from pe_model.preprocessing import PreprocessConfig
 
 AGENT_AE_TITLE = "PE_AGENT"

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from pacs_agent.demo import free_port
-from pe_model.phantoms import PhantomTruth
+from phantoms import PhantomTruth
 from tests.e2e.conftest import AGENT_AE_TITLE, AgentServer, clean_environment, small_ctpa, small_head, wait_for, write_agent_config, write_phantom
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.orthanc import Orthanc, orthanc_binary

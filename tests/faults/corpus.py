@@ -1,6 +1,6 @@
 """A generated corpus of bad DICOM input: each case is what a broken or hostile sender could send.
 
-Every case starts from a small valid CTPA phantom (pe_model.phantoms, 64 x 64 x 48, its own seed so its
+Every case starts from a small valid CTPA phantom (phantoms, 64 x 64 x 48, its own seed so its
 UIDs are its own) and damages it. A case says what the node must answer: the DICOM statuses allowed for
 its instances and, for each series it creates, the final states allowed (with IGNORED and FAILED a
 human-readable reason is required by the test). "absent" means no series row may exist.
@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, JPEG2000Lossless, generate_uid
 
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.corpus import ABSENT, ANALYSED, CASES, FAILED, IGNORED, TRAVERSAL_TARGET, Case, Sent
 from tests.faults.node import Node, c_echo, free_port, node_config, send, wait_until
 from tests.support.pacs_scp import PacsSCP

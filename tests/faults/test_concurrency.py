@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from pacs_agent.db.models import Instance, Series
 from pacs_agent.pynetdicom_tuning import hold_requestor_reactor
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, set_nodelay, wait_until
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.node import Node, send, wait_until
 from tests.support.pacs_scp import PacsSCP
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Output
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.node import Node, send, wait_until
 from tests.support.pacs_scp import PacsSCP
 

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from pacs_agent.db.models import Instance, Series
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.node import Node, SendResult, c_echo, send, wait_until
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 from pacs_agent.analyze import SourceReadError, analyze_datasets, analyze_sources, read_sources, report_datasets
 from pacs_agent.db.models import OutputKind
 from pacs_agent.settings import OutputSettings
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 
 OUTPUTS = OutputSettings(segmentation=True, key_slices=2, manufacturer="PE Triage Test")
 

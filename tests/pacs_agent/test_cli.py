@@ -229,7 +229,7 @@ def test_reprocess_study_skips_ignored_series(cli: CallCLI, factory) -> None:  #
 
 
 def test_analyze_folder_writes_reports_without_database(cli: CallCLI, tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from pe_model.phantoms import PhantomSpec, write_phantom_series
+    from phantoms import PhantomSpec, write_phantom_series
 
     truth = write_phantom_series(tmp_path / "series", PhantomSpec(n_slices=48, rows=64, columns=64))
     (tmp_path / "series" / "README.txt").write_text("not DICOM")  # a stray file is skipped
@@ -247,7 +247,7 @@ def test_analyze_folder_writes_reports_without_database(cli: CallCLI, tmp_path: 
 
 
 def test_analyze_bad_input_exits_2_with_one_line(cli: CallCLI, tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from pe_model.phantoms import PhantomSpec, write_phantom_series
+    from phantoms import PhantomSpec, write_phantom_series
 
     write_phantom_series(tmp_path / "short", PhantomSpec(n_slices=4, rows=64, columns=64))
     code, _, err = cli("analyze", str(tmp_path / "short"), "--checkpoint", str(tiny_checkpoint))

@@ -37,7 +37,7 @@ from pacs_agent.cli import main as cli_main
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus, Output, OutputKind, Result, Series, SeriesState, Study
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.worklist import flag_for
-from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.pacs_scp import PacsSCP
 

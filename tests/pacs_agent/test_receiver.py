@@ -648,7 +648,7 @@ def test_concurrent_senders_of_one_series(start_receiver: Callable[..., Peer]) -
 
 
 def test_enhanced_ct_phantom_is_stored(start_receiver: Callable[..., Peer], tmp_path: Path) -> None:
-    from pe_model.phantoms import PhantomSpec, write_phantom_series
+    from phantoms import PhantomSpec, write_phantom_series
     from pynetdicom.sop_class import EnhancedCTImageStorage  # type: ignore[attr-defined]
 
     truth = write_phantom_series(tmp_path / "p", PhantomSpec(n_slices=12, rows=32, columns=32), enhanced=True)

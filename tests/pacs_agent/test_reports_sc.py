@@ -21,7 +21,7 @@ from pacs_agent.reports.sc import (
 )
 from pacs_agent.reports.sources import hounsfield
 from pacs_agent.settings import OutputSettings
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.support.ct_series import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, CTSeriesSpec, make_ct_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.predictions import make_prediction

@@ -14,7 +14,7 @@ from pydicom.uid import SegmentationStorage
 from pacs_agent.db.models import OutputKind
 from pacs_agent.reports import write_reports
 from pacs_agent.settings import OutputSettings
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.support.ct_series import CTSeriesSpec, make_ct_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.predictions import DEMO_SHA256, make_prediction

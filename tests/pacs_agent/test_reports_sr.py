@@ -14,7 +14,7 @@ from pacs_agent.db.models import OutputKind
 from pacs_agent.errors import ReportError
 from pacs_agent.reports import ProducedObject, codes, write_reports
 from pacs_agent.settings import OutputSettings
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from pe_model.prediction import KeyImage, Prediction
 from tests.support.ct_series import PATIENT_ID, PATIENT_NAME, CTSeriesSpec, make_ct_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy

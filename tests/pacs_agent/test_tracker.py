@@ -26,7 +26,7 @@ from pacs_agent.settings import Settings
 from pacs_agent.storage import Spool
 from pacs_agent import tracker
 from pacs_agent.tracker import even_sample, recover_open_associations, sweep_series
-from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 
 QUIET = 1.0
 

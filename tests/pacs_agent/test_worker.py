@@ -27,7 +27,7 @@ from pacs_agent.queue import cancel_job, enqueue_job, reprocess_series
 from pacs_agent.settings import LogSettings, Settings
 from pacs_agent.worker import EXIT_MODEL_ERROR, EXIT_OK, run_worker
 from pacs_agent.worklist import flag_for
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 
 from .conftest import MigratedDB
 

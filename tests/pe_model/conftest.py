@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
-from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 from pe_model.preprocessing import PreprocessConfig
 
 #: Tiny model: R3D-18 at width 4 (32-d features), TCN hidden 16, input 32 x 32.

@@ -12,7 +12,7 @@ import torch
 
 from pe_model.cli import main
 from pe_model.labels import EXAM_LABELS, SERIES_PE_KEY
-from pe_model.phantoms import PhantomTruth
+from phantoms import PhantomTruth
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

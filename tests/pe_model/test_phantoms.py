@@ -25,7 +25,7 @@ from pydicom.uid import (
 
 from pe_model.errors import PEModelError
 from pe_model.labels import EXAM_LABELS
-from pe_model.phantoms import (
+from phantoms import (
     SUPPORTED_TRANSFER_SYNTAXES,
     PhantomError,
     PhantomSpec,

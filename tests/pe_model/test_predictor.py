@@ -15,7 +15,7 @@ from pe_model.checkpoint import load_checkpoint
 from pe_model.consistency import violations
 from pe_model.errors import CheckpointError, SeriesError
 from pe_model.labels import EXAM_LABELS, SERIES_PE_KEY
-from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 from pe_model.predictor import DeviceError, Predictor
 from pe_model.preprocessing import preprocess
 from pe_model.volume import load_series

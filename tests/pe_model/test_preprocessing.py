@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pe_model.phantoms import PhantomSpec, generate_volume
+from phantoms import PhantomSpec, generate_volume
 from pe_model.preprocessing import (
     CropBox,
     PreprocessConfig,
@@ -313,7 +313,7 @@ def test_heatmap_is_zero_outside_the_crop() -> None:
         series.heatmap_to_source(volume, 0, np.ones((10, 16, 16)))
 
 
-# ---- on phantoms (pe_model.phantoms) ------------------------------------------------------------
+# ---- on phantoms (phantoms) ------------------------------------------------------------
 
 
 def _phantom_volume(spec: PhantomSpec) -> Volume:

@@ -39,7 +39,7 @@ from pe_model.errors import (
     TooFewSlicesError,
     UnreadablePixelsError,
 )
-from pe_model.phantoms import SUPPORTED_TRANSFER_SYNTAXES, PhantomSpec, generate_volume, write_phantom_series
+from phantoms import SUPPORTED_TRANSFER_SYNTAXES, PhantomSpec, generate_volume, write_phantom_series
 from pe_model.volume import Volume, load_series, read_datasets
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -489,7 +489,7 @@ def test_unreadable_pixels(tmp_path: Path) -> None:
     assert "pixel data holds 10 bytes" in str(info.value)
 
 
-# ---- phantom series (pe_model.phantoms) -------------------------------------------------------
+# ---- phantom series (phantoms) -------------------------------------------------------
 
 PHANTOM = PhantomSpec(n_slices=40, rows=64, columns=64, pixel_spacing_mm=5.5, slice_spacing_mm=6.0, noise_hu=8.0)
 
@@ -540,7 +540,7 @@ def test_phantom_landmark_lies_in_its_anatomy(tmp_path: Path) -> None:
 @pytest.mark.parametrize("defect", ["bits_allocated_8", "rows_columns_half"])
 def test_native_pixel_data_of_the_wrong_length_is_refused(tmp_path: Path, defect: str) -> None:
     """pydicom would decode the first bytes of such pixel data into a plausible but wrong image."""
-    from pe_model.phantoms import PhantomSpec, write_phantom_series
+    from phantoms import PhantomSpec, write_phantom_series
 
     truth = write_phantom_series(tmp_path, PhantomSpec(n_slices=12, rows=32, columns=32))
     for victim in truth.files:  # every slice alike, so none is dropped as "another size"
@@ -557,7 +557,7 @@ def test_native_pixel_data_of_the_wrong_length_is_refused(tmp_path: Path, defect
 def test_a_decoder_failure_is_wrapped_with_its_cause(tmp_path: Path) -> None:
     from pydicom.encaps import encapsulate, generate_fragments
 
-    from pe_model.phantoms import PhantomSpec, write_phantom_series
+    from phantoms import PhantomSpec, write_phantom_series
 
     truth = write_phantom_series(tmp_path, PhantomSpec(n_slices=12, rows=32, columns=32), transfer_syntax_uid=RLELossless)
     victim = truth.files[3]

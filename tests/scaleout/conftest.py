@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pe_model.phantoms import PhantomSpec, PhantomTruth, write_phantom_series
+from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 from tests.scaleout.cluster import Cluster
 from tests.support.pacs_scp import PacsSCP
 from tests.support.postgres import fresh_database, session_server

@@ -24,7 +24,7 @@ from pacs_agent.db.session import make_engine, make_session_factory, transaction
 from pacs_agent.dispatcher import dispatch_due, queue_deliveries
 from pacs_agent.reports import write_reports
 from pacs_agent.settings import OutputSettings, load_settings
-from pe_model.phantoms import PhantomTruth
+from phantoms import PhantomTruth
 from tests.faults.node import wait_until
 from tests.scaleout.cluster import Cluster, pause_a_running_job, pe_agent, send_series
 from tests.scaleout.conftest import SERIES_COUNT

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from pacs_agent.db.models import Event, Instance, Output
-from pe_model.phantoms import PhantomTruth
+from phantoms import PhantomTruth
 from tests.faults.node import wait_until
 from tests.scaleout.cluster import Cluster, send_series
 from tests.support.pacs_scp import PacsSCP

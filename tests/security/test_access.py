@@ -16,7 +16,7 @@ import pytest
 from pynetdicom import AE
 
 from pacs_agent.settings import HTTPSettings, Settings, load_settings
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, free_port, send, wait_until
 
 pytestmark = pytest.mark.slow

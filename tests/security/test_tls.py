@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pe_model.phantoms import PhantomSpec, write_phantom_series
+from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.node import AGENT_AE_TITLE, Node
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""Synthetic CT pulmonary angiograms written as real DICOM files, with their ground truth.
+"""Synthetic CT pulmonary angiograms (first-generation generator) written as real DICOM files, with their ground truth.
 
 Tests, the demo and synthetic training need CTPA series whose answer is known. A phantom is drawn
 in Hounsfield units on an axial grid (body, lungs, spine and ribs, heart with RV and LV, pulmonary
@@ -831,7 +831,7 @@ def _common_dataset(
     ds.Modality = "CT"
     ds.Manufacturer = "PE-Triage Phantom"
     ds.ManufacturerModelName = "Synthetic CTPA"
-    ds.SoftwareVersions = "pe_model.phantoms 1"
+    ds.SoftwareVersions = "phantoms 1"
     ds.InstitutionName = "Synthetic"
     ds.ReferringPhysicianName = ""
     ds.StationName = "PHANTOM"
