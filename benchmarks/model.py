@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -24,6 +25,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -307,11 +309,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
     )
+    previous = structlog.get_config()
+    # Progress and warnings go to stderr: stdout is the result (a table, or one JSON object).
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
     try:
         result = run_benchmark(spec)
     except PEModelError as error:
         sys.stderr.write(f"benchmarks.model: error: {' '.join(str(error).split())}\n")
         return 2
+    finally:
+        structlog.configure(**previous)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json_dict(), indent=2) + "\n")
     else:
