@@ -167,7 +167,7 @@ def test_receiver_processes_exit_when_serve_is_killed(settings_factory: Callable
         """
     )
     (tmp_path / "run_pool.py").write_text(script)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     with (tmp_path / "run_pool.log").open("w") as log:
         process = subprocess.Popen(
             [sys.executable, str(tmp_path / "run_pool.py")], stdout=subprocess.PIPE, stderr=log, text=True,
