@@ -1,4 +1,9 @@
-"""Make pynetdicom's reactors wait for events instead of polling, while a receiver runs.
+"""The pynetdicom adapter: every change this node makes to pynetdicom's private behaviour, behind one switch.
+
+`PynetdicomPatches` is what the receiver and the DIMSE transport use: ``node.pynetdicom_patches`` false
+gives stock pynetdicom; so does a start-up check that finds a private name missing (`missing_private_names`,
+one warning); and so does any exception inside an installed function (logged once, never raised into
+pynetdicom's threads). What the patches do, and why:
 
 pynetdicom's reactor loops (``pynetdicom.dul`` reading the socket, ``pynetdicom.association``
 waiting for DIMSE messages) poll with ``time.sleep(0.001)`` when idle. Between two C-STOREs of a
@@ -38,11 +43,16 @@ timer (ARTIM and idle timeouts, a kill flag) is still seen within that time. Onl
 change (recognised by the calling function's name); every other sleep in pynetdicom keeps the capped
 behaviour. The wrappers are instance attributes of that association's queues, so nothing outside it is
 touched.
+
+`hold_requestor_reactor` closes a race of pynetdicom 3.0's requestor (see there); the hand-over server of
+the receiver pool is not a patch and lives in `pacs_agent.dicom.handoff`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import queue
 import select
 import socket
@@ -53,11 +63,16 @@ import types
 import weakref
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, cast
+from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dul
-from pynetdicom.transport import ThreadedAssociationServer
+import pynetdicom.transport
+from pynetdicom import AE
+
+from pacs_agent.logs import get_logger
+
+log = get_logger(__name__)
 
 #: Longest idle poll pynetdicom may sleep while a receiver runs (seconds).
 DEFAULT_SLEEP_CAP_SECONDS = 0.0002
@@ -69,6 +84,26 @@ _ASSOCIATION_REACTOR = "_run_reactor"
 #: Attribute under which an event-driven association or DUL thread keeps its wait function.
 _WAIT_ATTRIBUTE = "_pe_agent_wait"
 _PATCHED_MODULES: tuple[ModuleType, ...] = (pynetdicom.association, pynetdicom.dul)
+#: Set when an installed function raised: from then on every patch steps aside (stock pynetdicom).
+_FAILED = threading.Event()
+_FAILED_LOCK = threading.Lock()
+
+
+def _step_aside(where: str, exc: BaseException) -> None:
+    """An installed function raised: log it once and let pynetdicom run as it would without the patches."""
+    with _FAILED_LOCK:
+        if _FAILED.is_set():
+            return
+        _FAILED.set()
+    log.warning(
+        "pynetdicom_patches_failed", where=where, error=f"{type(exc).__name__}: {exc}",
+        effect="stock pynetdicom behaviour from now on in this process",
+    )
+
+
+def patches_failed() -> bool:
+    """Whether an installed function raised in this process (the patches then step aside)."""
+    return _FAILED.is_set()
 
 
 def _capped_time(cap: float) -> types.SimpleNamespace:
@@ -77,9 +112,15 @@ def _capped_time(cap: float) -> types.SimpleNamespace:
     current_thread = threading.current_thread
 
     def sleep(seconds: float) -> None:
-        wait: Callable[[str], bool] | None = getattr(current_thread(), _WAIT_ATTRIBUTE, None)
-        if wait is not None and wait(sys._getframe(1).f_code.co_name):
+        if _FAILED.is_set():
+            real_sleep(seconds)
             return
+        try:
+            wait: Callable[[str], bool] | None = getattr(current_thread(), _WAIT_ATTRIBUTE, None)
+            if wait is not None and wait(sys._getframe(1).f_code.co_name):
+                return
+        except Exception as exc:  # noqa: BLE001 - never raise into pynetdicom's reactor threads
+            _step_aside("idle wait", exc)
         real_sleep(min(seconds, cap))
 
     shim = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
@@ -132,8 +173,13 @@ def _wrap_put(target: queue.Queue[Any], after: Callable[[], None]) -> None:
     put = target.put
 
     def put_then_signal(item: Any, block: bool = True, timeout: float | None = None) -> None:
-        put(item, block, timeout)
-        after()
+        put(item, block, timeout)  # queue.Full and the like reach pynetdicom as they would without us
+        if _FAILED.is_set():
+            return
+        try:
+            after()
+        except Exception as exc:  # noqa: BLE001 - the item is queued; only the wake-up is lost
+            _step_aside("queue wake-up", exc)
 
     target.put = put_then_signal  # type: ignore[method-assign]
 
@@ -154,20 +200,30 @@ class CheaplyCopiedContexts(list):  # type: ignore[type-arg]
         return copies
 
 
-def _whole_reads(transport: Any) -> Callable[[int], bytearray]:
+def _whole_reads(transport: Any, stock_recv: Callable[[int], Any] | None = None) -> Callable[[int], bytearray]:
     """``AssociationSocket.recv`` (same contract: up to ``nr_bytes``, fewer only if the peer closed)
-    reading straight into one buffer of the requested size."""
+    reading straight into one buffer of the requested size; ``stock_recv`` (pynetdicom's own) takes over
+    once a patch has failed."""
 
     def recv(nr_bytes: int) -> bytearray:
+        if _FAILED.is_set() and stock_recv is not None:
+            return bytearray(stock_recv(nr_bytes))
         raw = transport.socket
         buffer = bytearray(nr_bytes)
         read = 0
-        with memoryview(buffer) as view:
-            while read < nr_bytes:
-                count = raw.recv_into(view[read:], nr_bytes - read)
-                if not count:
-                    break  # connection broken: return what was read, as pynetdicom does
-                read += count
+        try:
+            with memoryview(buffer) as view:
+                while read < nr_bytes:
+                    count = raw.recv_into(view[read:], nr_bytes - read)
+                    if not count:
+                        break  # connection broken: return what was read, as pynetdicom does
+                    read += count
+        except OSError:
+            raise  # what pynetdicom's own recv raises, handled by its reactor
+        except Exception as exc:  # noqa: BLE001 - never raise anything else into pynetdicom
+            _step_aside("whole-PDU read", exc)
+            del buffer[read:]
+            return buffer + bytearray(stock_recv(nr_bytes - read)) if stock_recv is not None else buffer
         if read < nr_bytes:
             del buffer[read:]
         return buffer
@@ -252,13 +308,16 @@ def make_event_driven(assoc: Any, max_wait: float = EVENT_WAIT_MAX_SECONDS) -> N
 
     def kill_and_wake() -> None:
         kill_dul()
-        wake_dul()
+        try:
+            wake_dul()
+        except Exception as exc:  # noqa: BLE001 - the DUL is told to stop; it notices within max_wait
+            _step_aside("DUL wake-up", exc)
 
     dul.kill_dul = kill_and_wake
     weakref.finalize(dul, _close_pair, closed, reader, writer)
     transport = dul.socket
     if transport is not None:
-        transport.recv = _whole_reads(transport)
+        transport.recv = _whole_reads(transport, transport.recv)
         close_transport = transport.close
 
         def close_with_pair() -> None:
@@ -267,7 +326,10 @@ def make_event_driven(assoc: Any, max_wait: float = EVENT_WAIT_MAX_SECONDS) -> N
             try:
                 close_transport()
             finally:
-                _close_pair(closed, reader, writer)
+                try:
+                    _close_pair(closed, reader, writer)
+                except Exception as exc:  # noqa: BLE001 - the finalizer closes the pair later
+                    _step_aside("wake-up pair close", exc)
 
         transport.close = close_with_pair
     setattr(dul, _WAIT_ATTRIBUTE, dul_wait)
@@ -297,56 +359,112 @@ def hold_requestor_reactor(assoc: Any, settle_s: float = 0.005, timeout_s: float
         time.sleep(0.0005)
 
 
-class HandedOverAssociationServer(ThreadedAssociationServer):
-    """A pynetdicom server that does not listen: another process accepts the TCP connections and
-    sends each one over a Unix socket (``SCM_RIGHTS``); this server's ``serve_forever`` loop waits on
-    that socket instead of a listening one and handles each received connection exactly as an accepted
-    one (TLS wrap, one association thread). Used by the processes of `pacs_agent.dicom.scp_pool`.
+def _source_has(function: Any, text: str) -> bool:
+    try:
+        return text in inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+
+
+@functools.cache
+def missing_private_names() -> tuple[str, ...]:
+    """The private pynetdicom names the patches rely on that the installed pynetdicom lacks (empty: all there).
+
+    Checked once per process: the two modules' ``time`` name, the two reactor functions (and that they
+    poll with ``time.sleep``), the queues, flags and sockets an association and its DUL keep, the
+    requestor's reactor checkpoint, and the server's ``contexts``.
+    """
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+
+    missing: list[str] = []
+    for module in _PATCHED_MODULES:
+        if not hasattr(module, "time"):
+            missing.append(f"{module.__name__}.time")
+    reactors: tuple[tuple[type[Any], str], ...] = ((DULServiceProvider, _DUL_REACTOR), (Association, _ASSOCIATION_REACTOR))
+    for cls, name in reactors:
+        function = getattr(cls, name, None)
+        if not callable(function) or not _source_has(function, "time.sleep("):
+            missing.append(f"{cls.__module__}.{cls.__name__}.{name} (polling with time.sleep)")
+    try:
+        assoc = Association(AE(), "requestor")
+    except Exception as exc:  # noqa: BLE001 - a pynetdicom whose Association cannot be made here
+        return (*missing, f"pynetdicom.association.Association ({type(exc).__name__}: {exc})")
+    instances: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
+        ("Association", assoc, ("dul", "dimse", "_kill", "_reactor_checkpoint", "_is_paused")),
+        ("DULServiceProvider", getattr(assoc, "dul", None),
+         ("socket", "state_machine", "_kill_thread", "to_provider_queue", "event_queue", "to_user_queue", "kill_dul")),
+        ("DIMSEServiceProvider", getattr(assoc, "dimse", None), ("msg_queue",)),
+    )
+    for owner_name, owner, names in instances:
+        missing += [f"{owner_name}.{name}" for name in names if owner is None or not hasattr(owner, name)]
+    transport = pynetdicom.transport
+    for name in ("recv", "close"):
+        if not callable(getattr(transport.AssociationSocket, name, None)):
+            missing.append(f"AssociationSocket.{name}")
+    if not _source_has(transport.AssociationSocket.__init__, "self.socket"):
+        missing.append("AssociationSocket.socket")
+    if not _source_has(transport.AssociationServer.__init__, "self.contexts"):
+        missing.append("AssociationServer.contexts")
+    return tuple(missing)
+
+
+@functools.cache
+def _warn_unavailable(missing: tuple[str, ...]) -> None:
+    log.warning(
+        "pynetdicom_patches_unavailable", missing=list(missing), pynetdicom=pynetdicom.__version__,
+        effect="stock pynetdicom behaviour (slower ingest)",
+    )
+
+
+_SLEEP_CAP = SleepCap()
+
+
+class PynetdicomPatches:
+    """The patches as one process sees them: on when ``enabled`` (``node.pynetdicom_patches``), the
+    installed pynetdicom has every private name they use, and none of them has failed yet.
+
+    Every method is safe to call either way: when off it leaves pynetdicom as it is.
     """
 
-    def __init__(self, *args: Any, handoff: socket.socket, public_address: tuple[str, int], **kwargs: Any) -> None:
-        self._handoff = handoff
-        self._public_address = public_address
-        super().__init__(*args, **kwargs)
+    def __init__(self, enabled: bool = True) -> None:
+        missing = missing_private_names() if enabled else ()
+        if missing:
+            _warn_unavailable(missing)
+        self._enabled = enabled and not missing
 
-    def server_bind(self) -> None:
-        # socketserver made a TCP socket for us: use the hand-over socket instead, bind nothing.
-        if self.socket is not None:
-            self.socket.close()
-        self.socket = self._handoff
-        self.server_address = self._public_address
+    @property
+    def active(self) -> bool:
+        return self._enabled and not _FAILED.is_set()
 
-    def server_activate(self) -> None:
-        """Nothing to listen on: the pool's listener accepts."""
+    def acquire(self) -> None:
+        """Cap pynetdicom's idle polls while this user (a running receiver) holds the patches."""
+        if self._enabled:
+            _SLEEP_CAP.acquire()
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        _message, fds, _flags, _address = socket.recv_fds(self._handoff, 64, 1)
-        if not fds:
-            raise OSError("the receiver pool closed the hand-over socket")
-        client = socket.socket(fileno=fds[0])
+    def release(self) -> None:
+        if self._enabled:
+            _SLEEP_CAP.release()
+
+    def prepare_association(self, assoc: Any) -> None:
+        """`make_event_driven` for an association that has not started its threads (``EVT_CONN_OPEN``)."""
+        if not self.active:
+            return
         try:
-            peer = client.getpeername()
-            if self.ssl_context:
-                client = self.ssl_context.wrap_socket(client, server_side=True)
-        except OSError:
-            client.close()  # the peer went away before we got to it
-            raise
-        return client, (str(peer[0]), int(peer[1]))
+            make_event_driven(assoc)
+        except Exception as exc:  # noqa: BLE001 - the association still works, polling as pynetdicom does
+            _step_aside("event-driven set-up", exc)
 
+    def share_contexts(self, server: Any) -> None:
+        """Make the copy of the server's presentation contexts each association takes cheap."""
+        if self.active:
+            server.contexts = CheaplyCopiedContexts(server.contexts)
 
-def start_handed_over_server(
-    ae: Any,
-    handoff: socket.socket,
-    public_address: tuple[str, int],
-    ssl_context: Any,
-    evt_handlers: list[Any],
-) -> HandedOverAssociationServer:
-    """What ``AE.start_server(block=False)`` does, with a `HandedOverAssociationServer`."""
-    server = ae.make_server(
-        public_address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-        server_class=HandedOverAssociationServer, handoff=handoff, public_address=public_address,
-    )
-    thread = threading.Thread(target=server.serve_forever, name="AcceptorServer-handoff", daemon=True)
-    thread.start()
-    ae._servers.append(server)  # so that AE.shutdown() stops it, as for start_server
-    return cast(HandedOverAssociationServer, server)
+    def before_send(self, assoc: Any) -> None:
+        """`hold_requestor_reactor` before a requestor sends a DIMSE request."""
+        if not self.active:
+            return
+        try:
+            hold_requestor_reactor(assoc)
+        except Exception as exc:  # noqa: BLE001 - send as pynetdicom does
+            _step_aside("requestor reactor hold", exc)

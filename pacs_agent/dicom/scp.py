@@ -21,7 +21,8 @@ component turned it off), the receiver falls back to writing ``event.encoded_dat
 Likewise, while a receiver runs pynetdicom's 1 ms idle polls are capped at 200 us, and the two reactors
 of each incoming association wait for socket data or queued work instead of polling at all
 (pacs_agent.dicom.pynetdicom_patches: pynetdicom polls with time.sleep(0.001), ~3.5 ms per instance, and
-polling threads of concurrent associations compete for the GIL).
+polling threads of concurrent associations compete for the GIL); ``node.pynetdicom_patches`` false keeps
+stock pynetdicom.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import pydicom
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
@@ -47,21 +48,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.dicom.admission import Admission, SharedCounts
-from pacs_agent.dicom.pynetdicom_patches import CheaplyCopiedContexts, SleepCap, make_event_driven, start_handed_over_server
+from pacs_agent.dicom.handoff import start_handed_over_server
+from pacs_agent.dicom.pynetdicom_patches import PynetdicomPatches
 from pacs_agent.dicom.tls import server_ssl_context
 from pacs_agent.errors import InvalidUIDError, ReceiverError, StorageError
 from pacs_agent.ingest.reconcile import reconcile_spool
-from pacs_agent.ingest.records import (
-    AssociationClosed,
-    AssociationOpened,
-    AssociationRejected,
-    Flush,
-    InstanceNotStored,
-    ReceivedInstance,
-    Record,
-    read_header,
-)
-from pacs_agent.ingest.records import now as _now
+from pacs_agent.ingest import records
 from pacs_agent.ingest.spool import Spool, validate_uid
 from pacs_agent.ingest.writer import RecordWriter
 from pacs_agent.logs import PATIENT_VALUES, get_logger, protect_patient_values
@@ -134,7 +126,6 @@ class _ChunkedReceive:
 
 
 _CHUNKED_RECEIVE = _ChunkedReceive()
-_SLEEP_CAP = SleepCap()
 
 
 @dataclass(frozen=True)
@@ -156,6 +147,37 @@ class _AssociationState:
     ignored: int = 0
     rejected: int = 0
     closed: bool = False
+
+
+class ReceiverService(Protocol):
+    """What serve, the tests and the benchmarks use of the storage SCP, whether it runs in this process
+    (`Receiver`) or in a pool of processes (`pacs_agent.dicom.scp_pool.ReceiverPool`)."""
+
+    @property
+    def spool(self) -> Spool: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def fatal(self) -> str:
+        """Why serve must stop receiving (empty while all is well)."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def flush(self, timeout: float = 30.0) -> None: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    def check(self) -> None:
+        """Called by serve every half second (a pool restarts its dead processes here)."""
+        ...
 
 
 class Receiver:
@@ -198,6 +220,7 @@ class Receiver:
         self._protected: dict[str, None] = {}
         self._counters = {"stored": 0, "duplicates": 0, "ignored": 0, "rejected": 0, "associations": 0}
         self._sequence = itertools.count(1)
+        self._patches = PynetdicomPatches(node.pynetdicom_patches)
 
     @property
     def spool(self) -> Spool:
@@ -212,6 +235,14 @@ class Receiver:
     @property
     def is_running(self) -> bool:
         return self._server is not None
+
+    @property
+    def fatal(self) -> str:
+        """Always empty: in this process there is nothing to supervise (serve's own exit says it all)."""
+        return ""
+
+    def check(self) -> None:
+        """Nothing to supervise in this process."""
 
     def counters(self) -> dict[str, int]:
         """Instances stored, duplicates, ignored, rejected and associations accepted since start."""
@@ -252,20 +283,20 @@ class Receiver:
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         _CHUNKED_RECEIVE.acquire()
-        _SLEEP_CAP.acquire()
+        self._patches.acquire()
         try:
             if handoff is None:
                 server = self._ae.start_server((node.host, node.port), block=False, ssl_context=ssl_context, evt_handlers=handlers)
             else:
                 server = start_handed_over_server(self._ae, handoff, (node.host, node.port), ssl_context, handlers)
         except OSError as exc:
-            _SLEEP_CAP.release()
+            self._patches.release()
             _CHUNKED_RECEIVE.release()
             self._writer.stop(timeout=5)
             self._writer = None
             raise ReceiverError(f"cannot listen on {node.host}:{node.port}: {exc.strerror or exc}") from exc
         assert server is not None
-        server.contexts = CheaplyCopiedContexts(server.contexts)  # copied for every association
+        self._patches.share_contexts(server)  # copied for every association
         if handoff is None:
             # socketserver listens with a backlog of 5: in a burst of connections (a PACS flushing its
             # queue) the kernel refuses the rest at TCP level before they can get an A-ASSOCIATE-RJ.
@@ -294,7 +325,7 @@ class Receiver:
         if self._writer is not None:
             self._writer.stop(timeout=30)
             self._writer = None
-        _SLEEP_CAP.release()
+        self._patches.release()
         _CHUNKED_RECEIVE.release()
         log.info("receiver_stopped", **self.counters())
 
@@ -304,7 +335,7 @@ class Receiver:
         if writer is None or not writer.is_alive():
             return
         done = threading.Event()
-        writer.records.put(Flush(done))
+        writer.records.put(records.Flush(done))
         if not done.wait(timeout):
             raise ReceiverError(f"receiver records not committed within {timeout:g} s")
 
@@ -316,7 +347,7 @@ class Receiver:
 
     # -- event handlers (pynetdicom threads; never raise) -------------------------------------------
 
-    def _put(self, record: Record) -> None:
+    def _put(self, record: records.Record) -> None:
         writer = self._writer
         if writer is not None:
             writer.records.put(record)
@@ -326,10 +357,7 @@ class Receiver:
             return self._associations.get(id(event.assoc))
 
     def _on_connection_opened(self, event: DicomEvent) -> None:
-        try:
-            make_event_driven(event.assoc)
-        except Exception:  # noqa: BLE001 - the association still works, polling as pynetdicom does
-            log.exception("receiver_event_driven_setup_failed")
+        self._patches.prepare_association(event.assoc)  # never raises; off: pynetdicom polls as usual
 
     def _on_requested(self, event: DicomEvent) -> None:
         """Admit at most node.max_associations associations at once, exactly.
@@ -361,13 +389,13 @@ class Receiver:
             with self._lock:
                 self._associations[id(event.assoc)] = state
                 self._counters["associations"] += 1
-            self._put(AssociationOpened(state.association_id, state.calling_ae_title, f"{requestor.address}:{requestor.port}", _now()))
+            self._put(records.AssociationOpened(state.association_id, state.calling_ae_title, f"{requestor.address}:{requestor.port}", records.now()))
         except Exception:  # noqa: BLE001 - a handler must never raise into pynetdicom
             log.exception("receiver_established_handler_failed")
 
     def _on_closed(self, event: DicomEvent, reason: str) -> None:
         try:
-            self._record_close(id(event.assoc), None, reason, _now())
+            self._record_close(id(event.assoc), None, reason, records.now())
         except Exception:  # noqa: BLE001
             log.exception("receiver_close_handler_failed")
 
@@ -386,7 +414,7 @@ class Receiver:
                 state = self._associations.get(key)
             if state is None:
                 return
-            timer = threading.Timer(_CLOSE_GRACE_SECONDS, self._record_close, args=(key, state, "aborted", _now()))
+            timer = threading.Timer(_CLOSE_GRACE_SECONDS, self._record_close, args=(key, state, "aborted", records.now()))
             timer.daemon = True
             timer.start()
         except Exception:  # noqa: BLE001
@@ -401,7 +429,7 @@ class Receiver:
                     return
                 del self._associations[key]
             self._put(
-                AssociationClosed(
+                records.AssociationClosed(
                     state.association_id, reason, at, state.stored, state.duplicates, state.ignored, state.rejected
                 )
             )
@@ -413,7 +441,7 @@ class Receiver:
             requestor = event.assoc.requestor
             calling = str(requestor.ae_title).strip()
             log.warning("association_rejected", calling_ae_title=calling, peer_address=requestor.address)
-            self._put(AssociationRejected(calling, f"{requestor.address}:{requestor.port}", _now()))
+            self._put(records.AssociationRejected(calling, f"{requestor.address}:{requestor.port}", records.now()))
         except Exception:  # noqa: BLE001
             log.exception("receiver_rejected_handler_failed")
 
@@ -449,9 +477,9 @@ class Receiver:
             series_instance_uid=request.series_instance_uid[:64],
         )
         self._put(
-            InstanceNotStored(
+            records.InstanceNotStored(
                 "instance_rejected", request.sop_instance_uid[:64], request.sop_class_uid[:64],
-                request.series_instance_uid[:64], request.association_id, status, reason, _now(),
+                request.series_instance_uid[:64], request.association_id, status, reason, records.now(),
             )
         )
         return status, "rejected"
@@ -465,9 +493,9 @@ class Receiver:
         if sop_class not in ANALYSED_SOP_CLASSES:
             name = pydicom.uid.UID(sop_class).name if sop_class else "(none)"
             self._put(
-                InstanceNotStored(
+                records.InstanceNotStored(
                     "instance_ignored", sop_uid[:64], sop_class[:64], "", association_id, STATUS_SUCCESS,
-                    f"SOP class {name} is not analysed", _now(),
+                    f"SOP class {name} is not analysed", records.now(),
                 )
             )
             return STATUS_SUCCESS, "ignored"
@@ -480,7 +508,7 @@ class Receiver:
         except AttributeError:
             source = None
         try:
-            header = read_header(source if source is not None else event.encoded_dataset())
+            header = records.read_header(source if source is not None else event.encoded_dataset())
         except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
             return self._refuse(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be read ({type(exc).__name__}: {str(exc)[:120]})", common)
 
@@ -510,9 +538,9 @@ class Receiver:
                 self._in_flight.add(path)
         if duplicate:
             self._put(
-                InstanceNotStored(
+                records.InstanceNotStored(
                     "duplicate_instance", uids["SOPInstanceUID"], sop_class, uids["SeriesInstanceUID"], association_id,
-                    STATUS_SUCCESS, "SOP Instance UID already stored", _now(),
+                    STATUS_SUCCESS, "SOP Instance UID already stored", records.now(),
                 )
             )
             return STATUS_SUCCESS, "duplicate"
@@ -527,7 +555,7 @@ class Receiver:
             with self._lock:
                 self._in_flight.discard(path)
         self._put(
-            ReceivedInstance(
+            records.ReceivedInstance(
                 study_instance_uid=uids["StudyInstanceUID"],
                 series_instance_uid=uids["SeriesInstanceUID"],
                 sop_instance_uid=uids["SOPInstanceUID"],
@@ -535,7 +563,7 @@ class Receiver:
                 transfer_syntax_uid=transfer_syntax,
                 path=self._spool.relative(path),
                 size_bytes=size,
-                received_at=_now(),
+                received_at=records.now(),
                 association_id=association_id,
                 calling_ae_title=state.calling_ae_title if state else "",
                 modality=str(header.get("Modality", "")),
@@ -551,4 +579,5 @@ __all__ = [
     "LISTEN_BACKLOG",
     "Receiver",
     "ReceiverError",
+    "ReceiverService",
 ]

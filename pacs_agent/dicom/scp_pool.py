@@ -8,13 +8,13 @@ connection (TLS, calling-AE check, C-STORE into the spool, its own database writ
 had accepted it. What stays exact across processes:
 
 - node.max_associations: each process keeps its admitted count in one shared array and admits under
-  the array's lock (`pacs_agent.dicom.scp.Admission`), so the limit is global and the excess still gets
+  the array's lock (`pacs_agent.dicom.admission.Admission`), so the limit is global and the excess still gets
   A-ASSOCIATE-RJ (rejected-transient, local limit exceeded).
 - The spool's tmp/ is cleared and the spool reconciled with the database once, by this process, before
   any receiver process starts. Duplicates are still detected by the destination file's existence;
   two processes creating the same series meanwhile is resolved by the writer's one-by-one retry.
-- A receiver process that dies is restarted (`MAX_RESTARTS` per slot; then the pool is ``fatal`` and
-  serve stops with exit code 1). What it had acknowledged but not yet committed (at most ~100 ms of
+- A receiver process that dies is restarted (`pacs_agent.node.supervisor.RestartPolicy`: MAX_RESTARTS per
+  slot; then the pool is ``fatal`` and serve stops with exit code 1). What it had acknowledged but not yet committed (at most ~100 ms of
   records) is recorded by a reconciliation `RECONCILE_DELAY_SECONDS` later, of the files older than
   `SETTLED_SECONDS` (the other processes' writers commit theirs within ~100 ms).
 - The receiver processes stop when told (serve's SIGTERM/SIGINT path), on SIGTERM, or when this process
@@ -43,16 +43,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_agent.errors import AgentError
 from pacs_agent.logs import configure_logging, get_logger
 from pacs_agent.dicom.admission import SharedCounts
-from pacs_agent.dicom.scp import LISTEN_BACKLOG, Receiver
+from pacs_agent.dicom.scp import LISTEN_BACKLOG, Receiver, ReceiverService
 from pacs_agent.dicom.tls import server_ssl_context
 from pacs_agent.errors import ReceiverError
 from pacs_agent.ingest.reconcile import reconcile_spool
+from pacs_agent.node.supervisor import RestartPolicy
 from pacs_agent.settings import Settings
 from pacs_agent.ingest.spool import Spool
 
 log = get_logger(__name__)
 
-MAX_RESTARTS = 5
 #: How long a new receiver process may take to import, connect to the database and report ready (s).
 START_TIMEOUT_SECONDS = 60.0
 #: After a receiver process died: wait this long, then record the spool files it left without a row (s).
@@ -73,7 +73,6 @@ class _Child:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     ready: bool = False
     failed: str = ""
-    restarts: int = 0
 
 
 class ReceiverPool:
@@ -95,7 +94,12 @@ class ReceiverPool:
         self._reconcile_at: float | None = None
         self._child_settings = settings
         self._spool = Spool(settings.spool_root, settings.node.min_free_disk_mb, fsync=settings.storage.fsync)
-        self.fatal = ""
+        self._restarts = RestartPolicy("receiver_process", processes, fatal_when_given_up=True)
+
+    @property
+    def fatal(self) -> str:
+        """Why serve must stop (a receiver process died more than MAX_RESTARTS times), or empty."""
+        return self._restarts.fatal
 
     # -- what serve and the tests use, as for Receiver ------------------------------------------------
 
@@ -225,17 +229,9 @@ class ReceiverPool:
             with self._counts.get_lock():
                 self._counts[child.index] = 0
             self._close(child)
-            if child.restarts >= MAX_RESTARTS:
-                if not self.fatal:
-                    self.fatal = f"receiver process {child.index} died {child.restarts + 1} times (exit code {code})"
-                    log.error("receiver_process_given_up", index=child.index, exit_code=code)
+            if not self._restarts.should_restart(child.index, code):
                 continue
-            if code == 0:  # it was told to stop (SIGTERM of the whole service, usually): not a crash
-                log.warning("receiver_process_exited", index=child.index, exit_code=code, restart=child.restarts + 1)
-            else:
-                log.error("receiver_process_died", index=child.index, exit_code=code, restart=child.restarts + 1)
             replacement = self._spawn(child.index)
-            replacement.restarts = child.restarts + 1
             with self._children_lock:
                 self._children[child.index] = replacement
             self._reconcile_at = time.monotonic() + RECONCILE_DELAY_SECONDS
@@ -383,3 +379,11 @@ def receiver_process_main(
 
 
 __all__ = ["ReceiverPool", "receiver_process_main"]
+
+
+def build_receiver(settings: Settings, session_factory: sessionmaker[Session]) -> ReceiverService:
+    """The storage SCP serve runs: in its own process (node.receiver_processes 1) or a pool of processes."""
+    processes = settings.node.receiver_processes
+    if processes > 1:
+        return ReceiverPool(settings, session_factory, processes)
+    return Receiver(settings, session_factory)

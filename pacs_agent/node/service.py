@@ -3,9 +3,9 @@
 serve: migrate the database, start the DICOM receiver (this process, or node.receiver_processes
 processes fed by this one: pacs_agent.dicom.scp_pool), the scheduler (tracker sweep,
 dispatch, lease recovery, retention), ``workers.count`` worker processes ("spawn": inference cannot
-stall or crash the listener) and the optional HTTP server. A worker that dies is restarted (up to
-MAX_RESTARTS per slot); a worker that cannot load the model stops the node with exit code 1, since
-nothing could be analysed. SIGINT/SIGTERM: stop receiving, stop the scheduler, SIGTERM the workers and
+stall or crash the listener) and the optional HTTP server. Child processes that die are restarted by
+pacs_agent.node.supervisor (up to MAX_RESTARTS per slot); a worker that cannot load the model stops the
+node with exit code 1, since nothing could be analysed. SIGINT/SIGTERM: stop receiving, stop the scheduler, SIGTERM the workers and
 wait for them, exit 0.
 """
 
@@ -25,7 +25,7 @@ from pacs_agent.logs import configure_logging, get_logger
 from pacs_agent.jobs.leases import default_owner
 from pacs_agent.settings import Settings
 from pacs_agent.analysis.worker import EXIT_OK
-from pacs_agent.node.supervisor import WorkerPool
+from pacs_agent.node.supervisor import WorkerPool, watch
 from pacs_agent.signals import stop_on_signals
 
 log = get_logger(__name__)
@@ -59,8 +59,7 @@ def _release_leases_of_dead_local_processes(factory: sessionmaker[Session]) -> N
 
 def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
     """Run the node until SIGINT/SIGTERM (or ``stop_event``). Returns the exit code."""
-    from pacs_agent.dicom.scp import Receiver
-    from pacs_agent.dicom.scp_pool import ReceiverPool
+    from pacs_agent.dicom.scp_pool import build_receiver
     from pacs_agent.node.scheduler import build_scheduler
     from pacs_agent.series.tracker import recover_open_associations
 
@@ -73,11 +72,7 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
         return EXIT_FAILURE
     engine = make_engine(settings.database.url)
     factory = make_session_factory(engine)
-    receiver: Receiver | ReceiverPool
-    if settings.node.receiver_processes > 1:
-        receiver = ReceiverPool(settings, factory, settings.node.receiver_processes)
-    else:
-        receiver = Receiver(settings, factory)
+    receiver = build_receiver(settings, factory)
     pool = WorkerPool(settings, settings.workers.count)
     scheduler = build_scheduler(settings, factory, owner=f"{default_owner()}/dispatch")
     http_server = None
@@ -100,18 +95,8 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
             http_server.start()
         log.info("serve_ready", dicom_port=receiver.port, workers=settings.workers.count,
                  http_port=http_server.port if http_server else None)
-        while not stop.wait(0.5):
-            pool.check()
-            if pool.fatal:
-                log.error("serve_stopping_on_worker_failure", reason=pool.fatal)
-                code = EXIT_FAILURE
-                break
-            if isinstance(receiver, ReceiverPool):
-                receiver.check()
-                if receiver.fatal:
-                    log.error("serve_stopping_on_receiver_failure", reason=receiver.fatal)
-                    code = EXIT_FAILURE
-                    break
+        if watch(stop, {"worker": pool, "receiver": receiver}, event="serve_stopping"):
+            code = EXIT_FAILURE
     except (AgentError, OSError, SQLAlchemyError) as exc:
         log.error("serve_failed", error=f"{type(exc).__name__}: {exc}")
         code = EXIT_FAILURE
@@ -144,15 +129,8 @@ def run_workers(settings: Settings, *, count: int | None = None, stop_event: thr
     code = EXIT_OK
     pool.start()
     try:
-        while not stop.wait(0.5):
-            pool.check()
-            if pool.fatal:
-                log.error("workers_stopping_on_failure", reason=pool.fatal)
-                code = EXIT_FAILURE
-                break
-            if pool.all_given_up():
-                code = EXIT_FAILURE
-                break
+        if watch(stop, {"worker": pool}, event="workers_stopping", until=pool.all_given_up):
+            code = EXIT_FAILURE
     finally:
         pool.stop()
         restore_signals()

@@ -16,8 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Association, Event
-from pacs_agent.dicom.scp import Receiver
-from pacs_agent.dicom.scp_pool import ReceiverPool
+from pacs_agent.dicom.scp import ReceiverService
 from pacs_agent.settings import Settings
 
 
@@ -65,7 +64,7 @@ def ct_slice(study: str, series: str, index: int, *, sop: str | None = None, siz
 class Peer:
     """A running receiver with its database, for one test."""
 
-    def __init__(self, receiver: Receiver | ReceiverPool, factory: sessionmaker[Session], settings: Settings) -> None:
+    def __init__(self, receiver: ReceiverService, factory: sessionmaker[Session], settings: Settings) -> None:
         self.receiver = receiver
         self.factory = factory
         self.settings = settings

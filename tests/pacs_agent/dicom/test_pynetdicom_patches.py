@@ -1,5 +1,6 @@
-"""pynetdicom tuning: idle polls capped while a Receiver runs (restored when it stops), the receiver's
-associations event-driven, cheap context copies and whole-PDU reads."""
+"""The pynetdicom adapter: idle polls capped while a Receiver runs (restored when it stops), the receiver's
+associations event-driven, cheap context copies and whole-PDU reads; stock pynetdicom when the setting is
+off, a private name is missing, or a patch raises (never into pynetdicom's threads)."""
 
 from __future__ import annotations
 
@@ -18,18 +19,23 @@ from pathlib import Path
 import pynetdicom.association
 import pynetdicom.dul
 import pytest
+import structlog.testing
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts
 
 from pacs_agent.db.migrate import upgrade_database
 from pacs_agent.db.session import make_engine, make_session_factory
+import pacs_agent.dicom.pynetdicom_patches as patches
 from pacs_agent.dicom.pynetdicom_patches import (
     EVENT_WAIT_MAX_SECONDS,
     CheaplyCopiedContexts,
+    PynetdicomPatches,
     SleepCap,
     _whole_reads,
     hold_requestor_reactor,
     cap_pynetdicom_sleeps,
+    missing_private_names,
+    patches_failed,
     pynetdicom_sleeps_capped,
     restore_pynetdicom_sleeps,
 )
@@ -65,6 +71,69 @@ def _sleep_seconds(module: object, seconds: float, repeat: int = 20) -> float:
 def _restored() -> object:
     yield
     restore_pynetdicom_sleeps()
+    patches._FAILED.clear()
+    missing_private_names.cache_clear()
+    patches._warn_unavailable.cache_clear()
+
+
+def test_the_installed_pynetdicom_has_every_private_name_the_patches_use() -> None:
+    assert missing_private_names() == ()
+    assert PynetdicomPatches(True).active and not PynetdicomPatches(False).active
+
+
+def test_a_missing_private_name_means_stock_pynetdicom_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(pynetdicom.association.Association, "_run_reactor")
+    missing_private_names.cache_clear()
+    with structlog.testing.capture_logs() as logs:
+        first, second = PynetdicomPatches(True), PynetdicomPatches(True)
+    assert not first.active and not second.active
+    warnings = [entry for entry in logs if entry["event"] == "pynetdicom_patches_unavailable"]
+    assert len(warnings) == 1 and any("_run_reactor" in name for name in warnings[0]["missing"])
+    first.acquire()
+    assert not pynetdicom_sleeps_capped()  # nothing installed
+    first.release()
+
+
+def test_setting_off_leaves_pynetdicom_alone(settings_factory: Callable[..., Settings]) -> None:
+    settings = settings_factory(node={"pynetdicom_patches": False})
+    engine = make_engine(settings.database.url)
+    upgrade_database(settings.database.url, engine)
+    receiver = Receiver(settings, make_session_factory(engine))
+    receiver.start()
+    try:
+        assert not pynetdicom_sleeps_capped()
+        assoc = scu().associate("127.0.0.1", receiver.port, ae_title="PE_AGENT")
+        assert assoc.is_established
+        study, series = generate_uid(), generate_uid()
+        assert [assoc.send_c_store(ct_slice(study, series, i)).Status for i in range(3)] == [0, 0, 0]
+        assoc.release()
+    finally:
+        receiver.stop()
+        engine.dispose()
+
+
+def test_a_patch_that_raises_is_logged_once_and_pynetdicom_carries_on(
+    running_receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception inside an installed function (here: the DUL's idle wait) never reaches pynetdicom's
+    threads: one warning, then stock behaviour, and every instance is still stored."""
+
+    def broken_select(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("broken wait")
+
+    monkeypatch.setattr(patches, "select", types.SimpleNamespace(select=broken_select))
+    with structlog.testing.capture_logs() as logs:
+        assoc = scu().associate("127.0.0.1", running_receiver.port, ae_title="PE_AGENT")
+        assert assoc.is_established
+        time.sleep(0.2)  # idle: the DUL thread waits (and its wait raises)
+        study, series = generate_uid(), generate_uid()
+        statuses = [assoc.send_c_store(ct_slice(study, series, i)).Status for i in range(5)]
+        assoc.release()
+    assert statuses == [0] * 5
+    assert patches_failed()
+    failures = [entry for entry in logs if entry["event"] == "pynetdicom_patches_failed"]
+    assert len(failures) == 1 and "broken wait" in failures[0]["error"]
+    assert not any(entry.get("log_level") in ("error", "critical") for entry in logs)
 
 
 def test_cap_shortens_pynetdicom_sleeps_and_keeps_the_rest_of_time() -> None:

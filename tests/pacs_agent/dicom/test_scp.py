@@ -580,7 +580,7 @@ def test_stop_closes_open_associations_in_the_database(start_receiver: Callable[
         _ = peer.receiver.port
 
 
-@pytest.mark.parametrize("start_receiver", [1], ids=["in-process"], indirect=True)  # patches this process
+@pytest.mark.parametrize("start_receiver", [(1, True)], ids=["in-process"], indirect=True)  # patches this process
 def test_without_chunked_receive_the_encoded_dataset_is_stored(
     start_receiver: Callable[..., Peer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -595,7 +595,7 @@ def test_without_chunked_receive_the_encoded_dataset_is_stored(
     assert list(peer.receiver.spool.tmp_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("start_receiver", [1], ids=["in-process"], indirect=True)  # patches this process
+@pytest.mark.parametrize("start_receiver", [(1, True)], ids=["in-process"], indirect=True)  # patches this process
 @pytest.mark.parametrize("fsync", [False, True])
 def test_storage_fsync_setting_decides_whether_instances_are_synced(
     start_receiver: Callable[..., Peer], monkeypatch: pytest.MonkeyPatch, fsync: bool
