@@ -27,7 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from pacs_agent.delivery.target import EchoOutcome, ObjectOutcome
-from pacs_agent.dicom.pynetdicom_patches import hold_requestor_reactor
+from pacs_agent.dicom.pynetdicom_patches import PynetdicomPatches
 from pacs_agent.dicom.tls import client_ssl_context
 from pacs_agent.logs import get_logger
 from pacs_agent.settings import DestinationSettings, Settings, TLSSettings
@@ -153,41 +153,17 @@ class _Ready:
 class DimseTarget:
     """A destination reached with C-STORE (objects) and C-ECHO (test) over one association per call."""
 
-    def __init__(
-        self,
-        destination: DestinationSettings,
-        *,
-        calling_ae_title: str,
-        acse_timeout: float,
-        dimse_timeout: float,
-        network_timeout: float,
-        maximum_pdu_size: int,
-        tls: TLSSettings | None,
-    ) -> None:
+    def __init__(self, destination: DestinationSettings, settings: Settings) -> None:
+        """``settings``: the node's calling AE title, network timeouts, PDU size, TLS and pynetdicom switch."""
         self.name = destination.name
         self._destination = destination
-        self._calling_ae_title = calling_ae_title
-        self._acse_timeout = acse_timeout
-        self._dimse_timeout = dimse_timeout
-        self._network_timeout = network_timeout
-        self._maximum_pdu_size = maximum_pdu_size
-        self._tls = tls
-
-    @classmethod
-    def from_settings(cls, destination: DestinationSettings, settings: Settings) -> DimseTarget:
-        node = settings.node
-        return cls(
-            destination,
-            calling_ae_title=calling_ae_title_of(settings),
-            acse_timeout=node.acse_timeout,
-            dimse_timeout=node.dimse_timeout,
-            network_timeout=node.network_timeout,
-            maximum_pdu_size=node.maximum_pdu_size,
-            tls=node.tls,
-        )
+        self._node = settings.node
+        self._calling_ae_title = calling_ae_title_of(settings)
+        self._patches = PynetdicomPatches(settings.node.pynetdicom_patches)
 
     def echo(self) -> EchoOutcome:
-        result = echo(self._destination, calling_ae_title=self._calling_ae_title, timeout=self._acse_timeout, tls=self._tls)
+        node = self._node
+        result = echo(self._destination, calling_ae_title=self._calling_ae_title, timeout=node.acse_timeout, tls=node.tls)
         return EchoOutcome(ok=result.ok, detail=result.message)
 
     def send(self, paths: Sequence[Path]) -> list[ObjectOutcome]:
@@ -213,16 +189,15 @@ class DimseTarget:
         def all_failed(reason: str) -> dict[int, ObjectOutcome]:
             return {i: ObjectOutcome(r.path, r.sop_instance_uid, False, None, reason, True) for i, r in ready}
 
+        node = self._node
         ae = AE(ae_title=self._calling_ae_title)
-        ae.acse_timeout = self._acse_timeout
-        ae.dimse_timeout = self._dimse_timeout
-        ae.network_timeout = self._network_timeout
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.network_timeout = node.network_timeout
         tls_args = None
         if destination.tls:
-            if self._tls is None:
-                return all_failed(f"{destination.name} needs TLS but no TLS settings were given")
             try:
-                tls_args = (client_ssl_context(self._tls), destination.host)
+                tls_args = (client_ssl_context(node.tls), destination.host)
             except (OSError, ssl.SSLError) as exc:
                 return all_failed(f"TLS set-up failed: {exc}")
         contexts = _contexts([(r.sop_class_uid, r.transfer_syntax_uid) for _, r in ready])
@@ -232,7 +207,7 @@ class DimseTarget:
                 destination.port,
                 contexts=contexts,
                 ae_title=destination.ae_title,
-                max_pdu=self._maximum_pdu_size,
+                max_pdu=node.maximum_pdu_size,
                 tls_args=tls_args,
             )
         except (OSError, ValueError, RuntimeError) as exc:
@@ -247,7 +222,7 @@ class DimseTarget:
                     outcomes[index] = ObjectOutcome(item.path, item.sop_instance_uid, False, None, "association ended before the object was sent", True)
                     continue
                 try:
-                    hold_requestor_reactor(assoc)  # a pynetdicom race that can steal the response, see there
+                    self._patches.before_send(assoc)  # a pynetdicom race that can steal the response
                     status = assoc.send_c_store(item.path)
                 except ValueError as exc:  # no accepted presentation context for this SOP class / transfer syntax
                     outcomes[index] = ObjectOutcome(

@@ -62,7 +62,7 @@ def build_target(destination: DestinationSettings, settings: Settings | None = N
     if destination.kind == "dimse":
         from pacs_agent.delivery.dimse import DimseTarget
 
-        return DimseTarget.from_settings(destination, settings)
+        return DimseTarget(destination, settings)
     raise DeliveryError(f"destination {destination.name!r}: unknown kind {destination.kind!r}")
 
 
