@@ -267,7 +267,8 @@ def _first(seq: Any) -> Dataset | None:
     return first if isinstance(first, Dataset) else None
 
 
-def _is_localizer(image_type: Any) -> bool:
+def is_localizer(image_type: Any) -> bool:
+    """Whether an ImageType (or FrameType) value marks a localizer (scout) image."""
     if image_type is None:
         return False
     values = image_type if isinstance(image_type, MultiValue | list | tuple) else [image_type]
@@ -300,11 +301,11 @@ def _images_of(ds: Dataset, source_index: int) -> list[_Image]:
                 slice_thickness=_float_or_none(ds.get("SliceThickness")),
                 slope=_float_or_none(ds.get("RescaleSlope")) or 1.0,
                 intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
-                is_localizer=_is_localizer(ds.get("ImageType")),
+                is_localizer=is_localizer(ds.get("ImageType")),
                 order_key=order_key,
             )
         ]
-    whole_localizer = _is_localizer(ds.get("ImageType"))
+    whole_localizer = is_localizer(ds.get("ImageType"))
     images: list[_Image] = []
     for i, group in enumerate(per_frame):
         orientation_item = _item(ds, group, "PlaneOrientationSequence")
@@ -334,7 +335,7 @@ def _images_of(ds: Dataset, source_index: int) -> list[_Image]:
                 intercept=(_float_or_none(transform.get("RescaleIntercept")) if transform is not None else None)
                 or 0.0,
                 is_localizer=whole_localizer
-                or (frame_type is not None and _is_localizer(frame_type.get("FrameType"))),
+                or (frame_type is not None and is_localizer(frame_type.get("FrameType"))),
                 order_key=(order_key[0], order_key[1], i + 1),
             )
         )

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Job, JobStatus, Series, SeriesState, Worker, utcnow
@@ -430,11 +430,3 @@ def release_jobs_of_dead_local_workers(
             _requeue_or_fail(session, job, now, kind="job_lease_released", why="is gone (process no longer running)")
             released.append(job.id)
     return released
-
-
-def queue_depth(session: Session) -> dict[str, int]:
-    """Number of jobs by status (every status present, zero included)."""
-    counts = {status.value: 0 for status in JobStatus}
-    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
-        counts[JobStatus(status).value] = int(count)
-    return counts

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, Output, Result, Series, SeriesState, Worker, utcnow
+from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, JobStatus, Output, Result, Series, SeriesState, Worker, utcnow
+
+
+def _counts(session: Session, column: Any, states: type[enum.StrEnum]) -> dict[str, int]:
+    """Rows by ``column``'s value, every one of ``states`` present (zero included)."""
+    counts = {state.value: 0 for state in states}
+    for state, count in session.execute(select(column, func.count()).group_by(column)):
+        counts[states(state).value] = int(count)
+    return counts
+
+
+def job_counts(session: Session) -> dict[str, int]:
+    """Number of jobs by status (the queue depth)."""
+    return _counts(session, Job.status, JobStatus)
 
 
 def series_counts(session: Session) -> dict[str, int]:
-    """Number of series by state (every state present, zero included)."""
-    counts = {s.value: 0 for s in SeriesState}
-    for state, count in session.execute(select(Series.state, func.count()).group_by(Series.state)):
-        counts[SeriesState(state).value] = int(count)
-    return counts
+    """Number of series by state."""
+    return _counts(session, Series.state, SeriesState)
 
 
 def delivery_counts(session: Session) -> dict[str, int]:
-    """Number of deliveries by status (every status present, zero included)."""
-    counts = {s.value: 0 for s in DeliveryStatus}
-    for status, count in session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)):
-        counts[DeliveryStatus(status).value] = int(count)
-    return counts
+    """Number of deliveries by status."""
+    return _counts(session, Delivery.status, DeliveryStatus)
 
 
 def live_workers(session: Session, heartbeat_seconds: float) -> list[dict[str, Any]]:
@@ -39,25 +47,19 @@ def live_workers(session: Session, heartbeat_seconds: float) -> list[dict[str, A
     ]
 
 
+def _columns(row: Any, names: str) -> dict[str, Any]:
+    """The attributes ``names`` (space separated) of ``row``, in that order."""
+    return {name: getattr(row, name) for name in names.split()}
+
+
 def job_dict(job: Job) -> dict[str, Any]:
     return {
         "id": job.id,
         "series_instance_uid": job.series.series_instance_uid,
         "study_instance_uid": job.series.study_instance_uid,
         "status": job.status.value,
-        "priority": job.priority,
-        "reason": job.reason,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "not_before": job.not_before,
-        "lease_owner": job.lease_owner,
-        "lease_expires_at": job.lease_expires_at,
-        "error": job.error,
-        "model_version": job.model_version,
-        "supersedes_job_id": job.supersedes_job_id,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
+        **_columns(job, "priority reason attempts max_attempts not_before lease_owner lease_expires_at error "
+                        "model_version supersedes_job_id created_at started_at finished_at"),
     }
 
 
@@ -66,27 +68,19 @@ def result_dict(result: Result | None) -> dict[str, Any] | None:
         return None
     return {
         "flag": result.flag.value,
-        "pe_present": result.pe_present,
-        "pe_probability": result.pe_probability,
-        "probabilities": result.probabilities,
-        "labels": result.labels,
-        "key_images": result.key_images,
+        **_columns(result, "pe_present pe_probability probabilities labels key_images"),
         "model": {"name": result.model_name, "version": result.model_version, "sha256": result.model_sha256},
-        "timings_s": result.timings_s,
-        "created_at": result.created_at,
+        **_columns(result, "timings_s created_at"),
     }
 
 
 def delivery_dict(delivery: Delivery) -> dict[str, Any]:
     return {
-        "id": delivery.id,
-        "destination": delivery.destination,
+        **_columns(delivery, "id destination"),
         "status": delivery.status.value,
-        "attempts": delivery.attempts,
-        "next_attempt_at": delivery.next_attempt_at,
+        **_columns(delivery, "attempts next_attempt_at"),
         "last_dicom_status": None if delivery.last_dicom_status is None else f"0x{delivery.last_dicom_status:04X}",
-        "last_error": delivery.last_error,
-        "delivered_at": delivery.delivered_at,
+        **_columns(delivery, "last_error delivered_at"),
     }
 
 
@@ -94,42 +88,21 @@ def output_dict(output: Output) -> dict[str, Any]:
     return {
         "id": output.id,
         "kind": output.kind.value,
-        "sop_class_uid": output.sop_class_uid,
-        "sop_instance_uid": output.sop_instance_uid,
-        "series_instance_uid": output.series_instance_uid,
-        "path": output.path,
+        **_columns(output, "sop_class_uid sop_instance_uid series_instance_uid path"),
         "deliveries": [delivery_dict(d) for d in output.deliveries],
     }
 
 
 def event_dict(event: Event) -> dict[str, Any]:
-    return {
-        "at": event.at,
-        "entity": event.entity,
-        "entity_id": event.entity_id,
-        "kind": event.kind,
-        "from_state": event.from_state,
-        "to_state": event.to_state,
-        "job_id": event.job_id,
-        "detail": event.detail,
-    }
+    return _columns(event, "at entity entity_id kind from_state to_state job_id detail")
 
 
 def series_dict(series: Series) -> dict[str, Any]:
     return {
-        "id": series.id,
-        "study_instance_uid": series.study_instance_uid,
-        "series_instance_uid": series.series_instance_uid,
-        "calling_ae_title": series.calling_ae_title,
-        "modality": series.modality,
-        "series_description": series.series_description,
-        "accession_number": series.accession_number,
-        "instance_count": series.instance_count,
+        **_columns(series, "id study_instance_uid series_instance_uid calling_ae_title modality series_description "
+                           "accession_number instance_count"),
         "state": series.state.value,
-        "ignore_reason": series.ignore_reason,
-        "input_priority": series.input_priority,
-        "first_received_at": series.first_received_at,
-        "last_received_at": series.last_received_at,
+        **_columns(series, "ignore_reason input_priority first_received_at last_received_at"),
     }
 
 

@@ -187,7 +187,6 @@ def db_current(config: ConfigOption = None, as_json: JsonOption = False) -> None
 @app.command()
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Queue depth, series states, deliveries, workers and worklist counts."""
-    from pacs_agent.jobs.queue import queue_depth
     from pacs_agent.worklist import flag_counts
 
     settings = _settings(config)
@@ -195,7 +194,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         series_counts = admin.series_counts(session)
         delivery_counts = admin.delivery_counts(session)
         workers = admin.live_workers(session, settings.workers.heartbeat_seconds)
-        job_counts = queue_depth(session)
+        job_counts = admin.job_counts(session)
         worklist_counts = flag_counts(session)
         data = {
             "schema_revision": head_revision(),

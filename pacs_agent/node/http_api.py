@@ -23,8 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus, Result, Series
 from pacs_agent.logs import get_logger
-from pacs_agent.jobs.queue import queue_depth
-from pacs_agent.node.admin import delivery_counts
+from pacs_agent.node.admin import delivery_counts, job_counts
 from pacs_agent.worklist import flag_counts, list_worklist
 
 log = get_logger(__name__)
@@ -51,7 +50,7 @@ class DatabaseCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self._factory() as session:
-            depth = queue_depth(session)
+            depth = job_counts(session)
             jobs = GaugeMetricFamily("pe_agent_jobs", "Jobs by status.", labels=["status"])
             for status, count in depth.items():
                 jobs.add_metric([status], count)

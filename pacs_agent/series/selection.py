@@ -16,6 +16,7 @@ from typing import Any
 import pydicom
 
 from pacs_agent.settings import PriorityRule, SelectionSettings, SeriesSettings
+from pe_model.volume import is_localizer
 
 #: A slice normal within this angle of the patient's z axis counts as axial (gantry tilt allowed).
 AXIAL_TOLERANCE_DEGREES = 30.0
@@ -91,14 +92,6 @@ def _frames(ds: pydicom.Dataset) -> int:
         return 1
 
 
-def _is_localizer(ds: pydicom.Dataset) -> bool:
-    image_type = ds.get("ImageType")
-    if image_type is None:
-        return False
-    values = [image_type] if isinstance(image_type, str) else list(image_type)
-    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
-
-
 def _plane(cosines: list[float]) -> tuple[str, float]:
     """Name the plane of an orientation and |cos| of the normal's angle to z."""
     row, col = cosines[:3], cosines[3:]
@@ -164,7 +157,7 @@ def _check(headers: Sequence[pydicom.Dataset], rule: SelectionSettings, instance
         else:
             failures.append("body part is not specified and unspecified is not allowed")
 
-    images = [ds for ds in headers if not _is_localizer(ds)]
+    images = [ds for ds in headers if not is_localizer(ds.get("ImageType"))]
     if not images:
         failures.append("localizer series (ImageType LOCALIZER)")
     planes: dict[str, int] = {}

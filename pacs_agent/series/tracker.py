@@ -173,23 +173,17 @@ def _decide(session: Session, series: Series, decision: SelectionDecision, setti
     last = _last_job(session, series.id)
     late = series.state in _DECIDED_STATES and last is not None
 
-    if late and last is not None and last.status == JobStatus.QUEUED:
-        # Not started yet: the waiting job reads the series when it runs, late instances included.
+    if late and last is not None and last.status in (JobStatus.QUEUED, JobStatus.CANCELLED):
+        # QUEUED: not started yet, the waiting job reads the series when it runs, late instances included.
+        # CANCELLED: the analysis was stopped on purpose; late instances do not start it again.
         added = series.instance_count - series.analysed_instance_count
         series.analysed_instance_count = series.instance_count
+        kind = "late_instances_joined_job" if last.status == JobStatus.QUEUED else "late_instances_after_cancel"
         record_event(
-            session, entity="series", entity_id=series.id, kind="late_instances_joined_job",
-            series_instance_uid=uid, job_id=last.id, added=added,
+            session, entity="series", entity_id=series.id, kind=kind, series_instance_uid=uid, job_id=last.id, added=added,
         )
-        log.info("late_instances_joined_job", series_instance_uid=uid, job_id=last.id, added=added)
-        return None
-    if late and last is not None and last.status == JobStatus.CANCELLED:
-        added = series.instance_count - series.analysed_instance_count
-        series.analysed_instance_count = series.instance_count
-        record_event(
-            session, entity="series", entity_id=series.id, kind="late_instances_after_cancel",
-            series_instance_uid=uid, job_id=last.id, added=added,
-        )
+        if last.status == JobStatus.QUEUED:
+            log.info(kind, series_instance_uid=uid, job_id=last.id, added=added)
         return None
 
     if series.state in (SeriesState.RECEIVING, SeriesState.COMPLETE):

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from pacs_agent.db.models import Event, Flag, Job, JobStatus, Series, SeriesState, Study, Worker, utcnow
 from pacs_agent.db.session import transaction
+from pacs_agent.node.admin import job_counts
 from pacs_agent.jobs.queue import (
     IllegalTransitionError,
     LeaseLostError,
@@ -19,7 +20,6 @@ from pacs_agent.jobs.queue import (
     enqueue_job,
     fail_job,
     heartbeat,
-    queue_depth,
     recover_expired_leases,
     release_job,
     reprocess_series,
@@ -227,7 +227,7 @@ def test_complete_marks_series_analysed_and_reprocess_supersedes(migrated_db: Mi
         assert series is not None
         reprocess_series(session, series, max_attempts=3)
     with migrated_db.session_factory() as session:
-        assert queue_depth(session) == {"QUEUED": 1, "RUNNING": 0, "SUCCEEDED": 1, "FAILED": 0, "CANCELLED": 0}
+        assert job_counts(session) == {"QUEUED": 1, "RUNNING": 0, "SUCCEEDED": 1, "FAILED": 0, "CANCELLED": 0}
         assert session.get(Series, series_id).state == SeriesState.QUEUED  # type: ignore[union-attr]
     assert job_row(migrated_db, new_id).status == JobStatus.QUEUED
 
