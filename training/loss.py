@@ -1,4 +1,4 @@
-"""The RSNA competition metric as a differentiable stage-2 loss (SEED.md).
+"""The RSNA competition metric as a differentiable stage-2 loss (training.metrics).
 
 total = (sum_ij w_j * BCE_ij + sum_ik w * q_i * BCE_ik) / (sum_ij w_j + sum_ik w * q_i)
 

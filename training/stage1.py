@@ -28,7 +28,8 @@ from pe_model.labels import EXAM_LABELS
 from pe_model.networks.r3d18 import R3D18, to_network_input
 from training.cache import SeriesCache
 from training.distributed import DistributedContext
-from training.errors import CheckpointStateError, TrainingError
+from training.errors import TrainingError
+from training.resume import Stateful, load_state, save_state
 
 log = structlog.get_logger(__name__)
 
@@ -355,25 +356,12 @@ def train_stage1(
     use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
-    start_epoch = 0
-    history: list[dict[str, float | None]] = []
-    best_auroc: float | None = None
-    best_epoch = -1
-    state_path = out / "state.pt"
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("config") != config.to_dict():
-            raise CheckpointStateError(
-                f"{state_path} was written by a stage-1 run with other settings; use a new work directory"
-            )
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = list(state["history"])
-        best_auroc = state["best_auroc"]
-        best_epoch = int(state["best_epoch"])
-        log.info("stage1.resume", from_epoch=start_epoch)
+    parts: dict[str, Stateful] = {"net": net, "optimizer": optimizer, "scaler": scaler}
+    resumed = load_state(out, 1, config.to_dict(), parts)
+    start_epoch = int(resumed["epoch"]) + 1 if resumed else 0
+    history: list[dict[str, float | None]] = list(resumed.get("history", []))
+    best_auroc: float | None = resumed.get("best_auroc")
+    best_epoch = int(resumed.get("best_epoch", -1))
 
     train_set = ChunkDataset(cache, train_keys, input_size=config.input_size, train=True,
                              rotation_probability=config.rotation_probability,
@@ -450,18 +438,8 @@ def train_stage1(
                 best_auroc, best_epoch = auc, epoch
                 torch.save(net.encoder.state_dict(), out / "best_encoder.pt")
             torch.save(net.encoder.state_dict(), out / f"epoch_{epoch:03d}.pt")
-            tmp = out / "state.pt.tmp"
-            torch.save({
-                "config": config.to_dict(),
-                "net": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "best_auroc": best_auroc,
-                "best_epoch": best_epoch,
-            }, tmp)
-            tmp.replace(state_path)
+            save_state(out, config.to_dict(), parts, epoch=epoch, history=history, best_auroc=best_auroc,
+                       best_epoch=best_epoch)
             log.info("stage1.epoch", epoch=epoch + 1, epochs=config.epochs,
                      train_loss=round(float(record["train_loss"] or 0.0), 5),
                      validation_auroc=None if auc is None else round(auc, 4),

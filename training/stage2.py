@@ -26,7 +26,8 @@ from tqdm import tqdm
 from pe_model.labels import EXAM_LABELS, IMAGE_WEIGHT
 from pe_model.networks.sequence import SequenceConfig, SequenceModel, fit_sequence, restore_sequence
 from training.distributed import DistributedContext, broadcast_flag
-from training.errors import CheckpointStateError, TrainingError
+from training.errors import TrainingError
+from training.resume import Stateful, load_state, save_state
 from training.features import ExamFeatures, load_exam_features
 from training.loss import exam_label_weights, rsna_weighted_loss
 from training.stage1 import EpochSampler
@@ -51,7 +52,7 @@ class Stage2Config:
     #: Stop after this many epochs without a better validation loss (None: run every epoch).
     patience: int | None = None
     seed: int = 0
-    #: Chunk terms are weighted 0.0736 * q_i (SEED.md), which gives the chunks of PE-negative
+    #: Chunk terms are weighted 0.0736 * q_i (training.metrics.rsna_weighted_log_loss), which gives the chunks of PE-negative
     #: exams no weight at all. A floor > 0 (``0.0736 * max(q_i, floor)``) also teaches the chunk
     #: head to stay low on negative exams, which the consistency rules read as "no PE".
     chunk_weight_floor: float = 0.0
@@ -196,26 +197,13 @@ def train_stage2(
     sequence_config = config.sequence_config(train_set.feature_dim)
     net = SequenceModel(sequence_config).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    start_epoch = 0
-    history: list[dict[str, float | None]] = []
-    best_loss: float | None = None
-    best_epoch = -1
-    stale = 0
-    state_path = out / "state.pt"
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("config") != config.to_dict():
-            raise CheckpointStateError(
-                f"{state_path} was written by a stage-2 run with other settings; use a new work directory"
-            )
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
-        history = list(state["history"])
-        best_loss = state["best_loss"]
-        best_epoch = int(state["best_epoch"])
-        stale = int(state["stale"])
-        log.info("stage2.resume", from_epoch=start_epoch)
+    parts: dict[str, Stateful] = {"net": net, "optimizer": optimizer}
+    resumed = load_state(out, 2, config.to_dict(), parts)
+    start_epoch = int(resumed["epoch"]) + 1 if resumed else 0
+    history: list[dict[str, float | None]] = list(resumed.get("history", []))
+    best_loss: float | None = resumed.get("best_loss")
+    best_epoch = int(resumed.get("best_epoch", -1))
+    stale = int(resumed.get("stale", 0))
     sampler = EpochSampler(train_set.labels, rank=context.rank, world_size=context.world_size, seed=config.seed)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler)
     model: nn.Module = net
@@ -252,11 +240,8 @@ def train_stage2(
                 torch.save(net.state_dict(), out / "best_sequence.pt")
             else:
                 stale += 1
-            tmp = out / "state.pt.tmp"
-            torch.save({"config": config.to_dict(), "net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch, "history": history, "best_loss": best_loss, "best_epoch": best_epoch,
-                        "stale": stale}, tmp)
-            tmp.replace(state_path)
+            save_state(out, config.to_dict(), parts, epoch=epoch, history=history, best_loss=best_loss,
+                       best_epoch=best_epoch, stale=stale)
             bar.set_postfix(train=f"{record['train_loss']:.4f}", val=f"{val:.4f}")
             log.debug("stage2.epoch", epoch=epoch + 1, train_loss=record["train_loss"], validation_loss=val,
                       seconds=round(time.perf_counter() - started, 2))
