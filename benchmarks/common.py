@@ -24,6 +24,7 @@ from typing import Any
 
 import pydicom
 
+from pacs_agent.demo.processes import process_stats
 from phantoms import PhantomSpec, write_phantom_series
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,12 +122,6 @@ def relabel_series(source: Sequence[Path], target: Path, tag: str) -> list[Path]
     return [target / n for n in names]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def require(tool: str) -> str:
     path = shutil.which(tool) or (tool == "Orthanc" and os.path.exists("/usr/sbin/Orthanc") and "/usr/sbin/Orthanc") or None
     if not path:
@@ -182,15 +177,8 @@ def run_senders(port: int, files: Sequence[Path], senders: int, *, called: str) 
 def process_tree(root_pid: int) -> list[int]:
     """``root_pid`` and all its descendants (from /proc)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+    for pid, fields in process_stats():
+        children.setdefault(int(fields[1]), []).append(pid)
     out, todo = [], [root_pid]
     while todo:
         pid = todo.pop()

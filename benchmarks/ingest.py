@@ -27,7 +27,6 @@ from typing import Any
 from benchmarks.common import (
     AGENT_AE_TITLE,
     BenchmarkError,
-    free_port,
     machine,
     median,
     nodelay_env,
@@ -37,6 +36,7 @@ from benchmarks.common import (
     wait_port,
     write_json,
 )
+from pacs_agent.demo.pacs import free_port
 from phantoms import PhantomSpec
 
 SERIES_SPEC = PhantomSpec(rows=512, columns=512, n_slices=400, pixel_spacing_mm=0.7, slice_spacing_mm=0.8, seed=1,

@@ -27,7 +27,6 @@ from benchmarks.common import (
     AGENT_AE_TITLE,
     BenchmarkError,
     cache_dir,
-    free_port,
     machine,
     median,
     nodelay_env,
@@ -36,6 +35,7 @@ from benchmarks.common import (
     storescu_command,
     write_json,
 )
+from pacs_agent.demo.pacs import free_port
 from benchmarks.ingest import SERIES_SPEC
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"

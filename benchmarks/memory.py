@@ -24,7 +24,6 @@ from benchmarks.common import (
     AGENT_AE_TITLE,
     BenchmarkError,
     cache_dir,
-    free_port,
     machine,
     nodelay_env,
     phantom_series,
@@ -34,6 +33,7 @@ from benchmarks.common import (
     storescu_command,
     write_json,
 )
+from pacs_agent.demo.pacs import free_port
 from benchmarks.ingest import SERIES_SPEC
 from benchmarks.latency import full_width_checkpoint
 from pacs_agent.settings import NodeSettings

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import multiprocessing
 import os
 import platform
@@ -25,7 +24,6 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -292,6 +290,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print a table (or, with ``--json``, one JSON object); exit code 2 for an
     unusable checkpoint."""
+    from pe_model.cli import cli_logging
     from pe_model.errors import PEModelError
 
     args = _parser().parse_args(list(argv) if argv is not None else None)
@@ -309,25 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
     )
-    previous = structlog.get_config()
-    # Progress and warnings go to stderr: stdout is the result (a table, or one JSON object).
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.dev.ConsoleRenderer(colors=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
     try:
-        result = run_benchmark(spec)
+        with cli_logging(False, sys.stderr):  # warnings on stderr: stdout is the result
+            result = run_benchmark(spec)
     except PEModelError as error:
         sys.stderr.write(f"benchmarks.model: error: {' '.join(str(error).split())}\n")
         return 2
-    finally:
-        structlog.configure(**previous)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json_dict(), indent=2) + "\n")
     else:

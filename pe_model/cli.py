@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _cli_logging(verbose: bool, stream: TextIO) -> Iterator[None]:
+def cli_logging(verbose: bool, stream: TextIO) -> Iterator[None]:
     """Route structlog to stderr (warnings only unless verbose) so stdout stays the result."""
     previous = structlog.get_config()
     structlog.configure(
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0, or 2 for an unusable series or checkpoint)."""
     args = _parser().parse_args(list(argv) if argv is not None else None)
     stdout, stderr = sys.stdout, sys.stderr
-    with _cli_logging(bool(getattr(args, "verbose", False)), stderr):
+    with cli_logging(bool(getattr(args, "verbose", False)), stderr):
         try:
             return _predict(args, stdout)
         except PEModelError as error:

@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,24 +125,20 @@ class StorageSCP:
         return pydicom.dcmread(item.locator)
 
 
+@dataclass(eq=False)
 class OrthancPACS:
     """The Debian ``Orthanc`` binary on loopback ports, with a config written in the work folder."""
 
-    name = "Orthanc"
-
-    def __init__(
-        self, workdir: Path, log_path: Path, *, binary: str, agent_port: int, ae_title: str = "ORTHANC",
-        agent_ae_title: str = "PE_AGENT",
-    ) -> None:
-        self.workdir = workdir
-        self.agent_ae_title = agent_ae_title
-        self.log_path = log_path
-        self.binary = binary
-        self.agent_port = agent_port
-        self.ae_title = ae_title
-        self.port = 0
-        self.http_port = 0
-        self._process: subprocess.Popen[bytes] | None = None
+    workdir: Path
+    log_path: Path
+    binary: str
+    agent_port: int
+    ae_title: str = "ORTHANC"
+    agent_ae_title: str = "PE_AGENT"
+    name: str = field(default="Orthanc", init=False)
+    port: int = field(default=0, init=False)
+    http_port: int = field(default=0, init=False)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:

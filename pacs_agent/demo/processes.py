@@ -6,12 +6,13 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def process_group_members(pgid: int) -> list[int]:
-    """PIDs of the live (non-zombie) processes in process group ``pgid``, read from /proc (Linux)."""
-    pids = []
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, ...) of every
+    process (Linux); processes that end while they are read are left out."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -19,10 +20,12 @@ def process_group_members(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
+        yield int(entry.name), stat[stat.rfind(")") + 2 :].split()
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """PIDs of the live (non-zombie) processes in process group ``pgid``, read from /proc (Linux)."""
+    return [pid for pid, fields in process_stats() if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid]
 
 
 def process_group_alive(pgid: int) -> bool:
