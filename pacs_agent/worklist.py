@@ -1,6 +1,6 @@
 """Worklist priority flags: one row per study, most urgent flag of its series' latest outcomes first.
 
-Flags (ARCHITECTURE.md, issue 4 item 8), from the final consistent labels:
+Flags, from the final consistent labels:
 - CRITICAL: PE and (RV/LV >= 1 or central PE);
 - HIGH: PE;
 - REVIEW: no PE, but the exam is indeterminate or the PE probability is within ``review_margin`` of 0.5;

@@ -1,4 +1,4 @@
-"""Preprocessing as in the seed, but fast and offline.
+"""Preprocessing of one CT volume for the model (the method of Ma et al. 2022, fast and offline).
 
 Volume (D, H, W) HU -> isotropic grid (Z, Y, X) at ``spacing_mm`` (torch bilinear in-plane, linear
 along the normal at the slices' real positions) -> crop to the lung box (classical HU threshold and

@@ -255,7 +255,7 @@ class PhantomGroundTruth:
     slice_positions_mm: tuple[float, ...]  # inferior -> superior
     slice_pe_present: tuple[bool, ...]  # a clot voxel on the slice
     clots: tuple[Clot, ...]
-    exam_labels: dict[str, bool]  # the nine RSNA exam labels, consistent per SEED.md
+    exam_labels: dict[str, bool]  # the nine RSNA exam labels, consistent per pe_model.consistency
     # Named anatomy points (pulmonary_trunk, right_lung, left_lung, left_ventricle, ...; head:
     # brain, skull) away from clots and lung vessels; indeterminate phantoms add motion, so there
     # they are only approximate.
@@ -444,7 +444,7 @@ def _clots(spec: PhantomSpec, scale: _Scale) -> tuple[tuple[Clot, _Capsule], ...
 
 
 def _exam_labels(spec: PhantomSpec) -> dict[str, bool]:
-    """The nine RSNA exam labels, consistent with SEED.md's rules."""
+    """The nine RSNA exam labels, consistent with pe_model.consistency's rules."""
     labels = dict.fromkeys(EXAM_LABELS, False)
     if spec.has_pe:
         labels["chronic_pe"] = spec.chronic

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.0 models of the node's state (ARCHITECTURE.md, "State").
+"""SQLAlchemy 2.0 models of the node's state: the database is the bus between the stages
+(receive, select, analyse, deliver).
 
 No patient name, ID or birth date is stored anywhere in this schema.
 """

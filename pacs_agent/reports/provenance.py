@@ -1,6 +1,6 @@
 """What every output says about its origin: model identity, disclaimers and series descriptions.
 
-ARCHITECTURE.md: every output names the model (name, version, checkpoint sha256) and says it is
+Every output names the model (name, version, checkpoint sha256) and says it is
 unverified AI output; outputs of the synthetic demo model say NOT FOR CLINICAL USE.
 """
 
