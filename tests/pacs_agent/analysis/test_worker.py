@@ -278,7 +278,7 @@ def test_pool_restarts_a_worker_that_dies(settings_factory: Callable[..., Settin
         _wait(lambda: pool._slots[0].process.exitcode is not None)  # type: ignore[union-attr]
         pool.check()
         _wait(lambda: pool.alive() == 1)
-        assert pool._slots[0].process.pid != first_pid and pool._slots[0].restarts == 1  # type: ignore[union-attr]
+        assert pool._slots[0].process.pid != first_pid and pool._restarts.restarts(0) == 1  # type: ignore[union-attr]
         assert not pool.fatal
     finally:
         pool.stop()
