@@ -298,6 +298,11 @@ def _none_if_nan(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
+def label_summary(truth: np.ndarray, scores: np.ndarray, threshold: float = THRESHOLD) -> dict[str, Any]:
+    """AUROC [95% DeLong CI], class counts and the operating point at ``threshold`` of one binary label."""
+    return _label_summary(np.asarray(truth), np.asarray(scores), threshold)
+
+
 def _label_summary(truth: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
     """AUROC [95% CI], class counts and the operating point at ``threshold`` of one label."""
     auc, low, high = delong_ci(truth, scores)
