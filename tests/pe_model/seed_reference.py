@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import weight_norm as _weight_norm
@@ -251,3 +252,36 @@ def seed_sequence_input(series: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
     x[1:, f:2 * f] = x[1:, :f] - x[:-1, :f]
     x[:-1, 2 * f:] = x[:-1, :f] - x[1:, :f]
     return x, mask
+
+
+# -- the seed's utils.py and data_process.ipynb --------------------------------------------------
+
+
+def apply_window(image: np.ndarray, WL: int, WW: int) -> np.ndarray:  # noqa: N803 (the seed's names)
+    """utils.py ``apply_window``: clip, then min-max scale the slice to uint8 (truncating)."""
+    upper, lower = WL + WW // 2, WL - WW // 2
+    X = np.clip(image.copy(), lower, upper)
+    X = X - np.min(X)
+    X = X / np.max(X)
+    return (X * 255.0).astype("uint8")
+
+
+def mask_to_bbox(mask: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    """data_process.ipynb ``mask_to_bbox``: inclusive bounds of the lung mask on each axis."""
+    D, W, H = mask.shape
+    D_min, D_max = 0, D - 1
+    while D_min < D - 1 and 1 not in mask[D_min]:
+        D_min += 1
+    while D_max > 0 and 1 not in mask[D_max]:
+        D_max -= 1
+    W_min, W_max = 0, W - 1
+    while W_min < W - 1 and 1 not in mask[:, W_min, :]:
+        W_min += 1
+    while W_max > 0 and 1 not in mask[:, W_max, :]:
+        W_max -= 1
+    H_min, H_max = 0, H - 1
+    while H_min < H - 1 and 1 not in mask[:, :, H_min]:
+        H_min += 1
+    while H_max > 0 and 1 not in mask[:, :, H_max]:
+        H_max -= 1
+    return D_min, D_max, W_min, W_max, H_min, H_max
