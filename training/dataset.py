@@ -1,7 +1,7 @@
 """The RSNA-STR PE dataset as laid out on disk: ``train.csv`` + ``train/<Study>/<Series>/<SOP>.dcm``.
 
 The reader validates the CSV (columns, 0/1 values, exam labels repeated identically on every image
-row, label consistency per SEED.md), checks that every listed file exists, and carries on without
+row, label consistency per docs/METHOD.md), checks that every listed file exists, and carries on without
 what it cannot use, reporting each problem. The same code reads the 7,279 real studies and the small
 phantom datasets the tests and the demo write in the exact same layout.
 """
@@ -132,7 +132,7 @@ class RSNADataset:
 
 
 def exam_label_violations(pe_present: bool, exam_labels: Mapping[str, int]) -> list[str]:
-    """Which SEED.md consistency rules the ground-truth labels of one exam break (empty when none)."""
+    """Which consistency rules (docs/METHOD.md) the ground-truth labels of one exam break (empty when none)."""
     lab = {name: int(exam_labels[name]) for name in EXAM_LABELS}
     broken: list[str] = []
     if pe_present:

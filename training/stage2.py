@@ -60,7 +60,7 @@ class Stage2Config:
     #: Stop after this many epochs without a better validation loss (None: run every epoch).
     patience: int | None = None
     seed: int = 0
-    #: Chunk terms are weighted 0.0736 * q_i (SEED.md), which gives the chunks of PE-negative
+    #: Chunk terms are weighted 0.0736 * q_i (docs/METHOD.md), which gives the chunks of PE-negative
     #: exams no weight at all. A floor > 0 (``0.0736 * max(q_i, floor)``) also teaches the chunk
     #: head to stay low on negative exams, which the consistency rules read as "no PE".
     chunk_weight_floor: float = 0.0

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from pe_model.checkpoint import load_checkpoint
 from training.cli import main
@@ -24,7 +26,8 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_run_smoke_end_to_end_and_rerun_skips(smoke_data: Path, tmp_path: Path) -> None:
+def test_run_smoke_end_to_end_and_rerun_skips(smoke_data: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "work"
     assert main(["run", "--data-dir", str(smoke_data), "--work-dir", str(work), "--preset", "smoke",
                  "--device", "cpu", "--no-progress"]) == 0
@@ -62,6 +65,31 @@ def test_run_smoke_end_to_end_and_rerun_skips(smoke_data: Path, tmp_path: Path) 
     prediction = Predictor.from_checkpoint(work / "model.pt").predict(series_dir)
     assert prediction.model.sha256 == checkpoint.sha256
     assert set(prediction.labels) >= {"negative_exam_for_pe", "central_pe"}
+
+    # One preprocessing path: the test exam's stage-1 input in the training cache is the
+    # Predictor's, and `pe-train evaluate` gives the probabilities `python -m pe_model predict` gives.
+    from pe_model.cli import main as pe_model_main
+    from pe_model.preprocessing import preprocess
+    from pe_model.volume import load_series
+    from training.cache import SeriesCache
+
+    key = split["test"][0]
+    study, series = key.split("_")
+    test_dir = smoke_data / "train" / study / series
+    predictor = Predictor.from_checkpoint(work / "model.pt")
+    served = preprocess(load_series(test_dir), predictor.preprocess_config).chunks
+    assert torch.equal(torch.from_numpy(np.array(SeriesCache(work / "cache").chunks(key))), served)
+    assert main(["evaluate", "--data-dir", str(smoke_data), "--work-dir", str(work), "--out",
+                 str(tmp_path / "eval-again")]) == 0
+    with (tmp_path / "eval-again" / "submission.csv").open(newline="") as handle:
+        evaluated = {row[0]: float(row[1]) for row in list(csv.reader(handle))[1:]}
+    capsys.readouterr()
+    assert pe_model_main(["predict", str(test_dir), "--checkpoint", str(work / "model.pt"), "--json",
+                          "--gradcam-top-k", "0"]) == 0
+    predicted = json.loads(capsys.readouterr().out)["probabilities"]
+    for label in ("negative_exam_for_pe", "indeterminate", "chronic_pe", "acute_and_chronic_pe", "central_pe",
+                  "leftsided_pe", "rightsided_pe", "rv_lv_ratio_gte_1", "rv_lv_ratio_lt_1"):
+        assert abs(evaluated[f"{study}_{label}"] - predicted[label]) < 1e-5, label
 
 
 def test_missing_dataset_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
