@@ -81,6 +81,12 @@ class Stage1Config:
     rotation_padding: str = "zeros"
     amp: bool = True
 
+    def __post_init__(self) -> None:
+        if self.rotation_padding not in ("zeros", "border", "reflection"):
+            raise TrainingError(f"rotation_padding must be zeros, border or reflection, not {self.rotation_padding!r}")
+        if not 0.0 <= self.rotation_probability <= 1.0:
+            raise TrainingError(f"rotation_probability must be in [0, 1], not {self.rotation_probability}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
