@@ -87,3 +87,12 @@ def test_a_config_that_records_none_of_the_newer_fields_is_the_project_preproces
     assert (config.windowing, config.window_before_resize) == ("linear", False)
     with pytest.raises(ValueError, match="windowing"):
         PreprocessConfig(windowing="sigmoid")
+
+
+def test_the_builtin_demo_checkpoint_is_served_with_the_project_preprocessing() -> None:
+    from pe_model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint("builtin:demo")
+    assert "windowing" not in checkpoint.preprocess_config_dict  # trained before the field existed
+    assert checkpoint.preprocess_config == preprocess_preset("project", input_size=160)
+    assert checkpoint.model_config.sequence.padding == "masked"
