@@ -276,7 +276,18 @@ def _usable(keys: tuple[str, ...], cache: SeriesCache) -> list[str]:
 
 
 def package(paths: RunPaths, settings: Preset, card: ModelCard, out: str | Path | None = None) -> str:
-    """Write the deployable checkpoint (both stages + preprocessing + card); returns its sha256."""
+    """Write the deployable checkpoint (both stages + preprocessing + card); returns its sha256.
+
+    The checkpoint records the preprocessing the cache was built with, which is what stage 1 was
+    trained and evaluated on; a preset that no longer matches the cache is refused.
+    """
+    if (paths.cache / "manifest.json").is_file():
+        cached = SeriesCache(paths.cache).preprocess
+        if PreprocessConfig.from_dict(cached) != settings.preprocess:
+            raise TrainingError(
+                f"the cache in {paths.cache} was built with other preprocessing than preset {settings.name!r}; "
+                "package with the preset the run used"
+            )
     encoder = load_encoder(paths.encoder)
     sequence = load_sequence_model(paths.sequence)
     return save_checkpoint(

@@ -96,3 +96,14 @@ def test_the_builtin_demo_checkpoint_is_served_with_the_project_preprocessing() 
     assert "windowing" not in checkpoint.preprocess_config_dict  # trained before the field existed
     assert checkpoint.preprocess_config == preprocess_preset("project", input_size=160)
     assert checkpoint.model_config.sequence.padding == "masked"
+
+
+def test_a_checkpoint_with_preprocessing_the_predictor_cannot_run_is_refused_on_load(tmp_path: Path) -> None:
+    from pe_model.checkpoint import build_initial_checkpoint, load_checkpoint
+    from pe_model.errors import CheckpointError
+
+    path = tmp_path / "odd.pt"
+    build_initial_checkpoint(path, encoder_width=2, preprocess_config={**PreprocessConfig(input_size=16).to_dict(),
+                                                                       "windowing": "sigmoid"})
+    with pytest.raises(CheckpointError, match="windowing"):
+        load_checkpoint(path)
