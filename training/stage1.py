@@ -109,13 +109,18 @@ KINETICS_HINT = (
 )
 
 
-def check_pretrained(config: Stage1Config) -> None:
-    """Refuse a run whose recipe starts from Kinetics-400 weights it was not given."""
+def check_pretrained(config: Stage1Config, *, read_weights: bool = True) -> None:
+    """Refuse a run whose recipe starts from Kinetics-400 weights it was not given, or was given a
+    file that is not a torchvision r3d_18 state dict for this encoder, before hours of caching."""
     if config.pretrained_required and not config.init_weights:
         raise TrainingError(
             "this preset starts stage 1 from Kinetics-400 weights: give --init-weights PATH, "
             f"{KINETICS_HINT}; or --no-pretrained to start from random weights"
         )
+    if config.init_weights and read_weights:
+        if not Path(config.init_weights).is_file():
+            raise TrainingError(f"--init-weights {config.init_weights} does not exist; it should be {KINETICS_HINT}")
+        R3D18(width=config.encoder_width, num_classes=1).load_torchvision_state_dict(config.init_weights)
 
 
 def augment_chunk(chunk: Tensor, size: int, rotation_probability: float, rotation_degrees: float, *,
@@ -378,7 +383,7 @@ def train_stage1(
     needed to resume: weights, optimizer, scaler, epoch, history). Re-running after an
     interruption continues after the last finished epoch.
     """
-    check_pretrained(config)
+    check_pretrained(config, read_weights=False)  # they are read just below
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = context.device

@@ -127,6 +127,15 @@ def test_the_seed_preset_refuses_to_start_without_kinetics_weights(smoke_data: P
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--init-weights PATH" in err and "r3d_18" in err and "--no-pretrained" in err
     assert not (tmp_path / "w" / "cache").exists()
+    # A weights file that is not there, or not r3d_18's, is refused before any caching too.
+    code = main(["run", "--data-dir", str(smoke_data), "--work-dir", str(tmp_path / "w"), "--preset", "seed",
+                 "--init-weights", str(tmp_path / "missing.pth"), "--device", "cpu", "--no-progress"])
+    assert code == 2 and "missing.pth does not exist" in capsys.readouterr().err
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    code = main(["run", "--data-dir", str(smoke_data), "--work-dir", str(tmp_path / "w2"), "--preset", "seed",
+                 "--init-weights", str(tmp_path / "other.pth"), "--device", "cpu", "--no-progress"])
+    assert code == 2 and "not a torchvision r3d_18 state dict" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "cache").exists() and not (tmp_path / "w2" / "cache").exists()
 
 
 def test_a_small_seed_recipe_runs_end_to_end_and_serves_what_it_evaluated(
