@@ -7,8 +7,12 @@ logits and stage-2 outputs to 1e-5, for TCN and GRU, on full and zero-padded seq
 
 from __future__ import annotations
 
+import importlib
 import json
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -29,7 +33,7 @@ from tests.pe_model.seed_reference import PEFeatureSequentialNet, VideoResNet, s
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BASE = 4  # r3d_18 at 4 channels instead of 64: 32-d features, same structure
+BASE = 2  # r3d_18 at 2 channels instead of 64: 16-d features, same structure
 FEATURES = 8 * BASE
 
 
@@ -177,6 +181,14 @@ def test_import_seed_round_trip_predicts_what_the_seed_networks_compute(
     assert code == 0, stderr
     assert json.loads(stdout)["model"]["sha256"] == checkpoint.sha256
 
+    # `pe-agent analyze` (the node's command, found through pyproject's entry point) writes its reports with it.
+    agent = _console_script("pe-agent")
+    code = agent(["analyze", str(directory), "--checkpoint", str(out), "--out", str(tmp_path / "reports"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["model"]["sha256"] == checkpoint.sha256
+    assert any((tmp_path / "reports").glob("*.dcm"))
+
     # Stage by stage, the Predictor computes what the seed's networks compute on the same input.
     predictor = Predictor.from_checkpoint(out, gradcam_top_k=0)
     prepared = preprocess(load_series(directory), predictor.preprocess_config)
@@ -193,6 +205,13 @@ def test_import_seed_round_trip_predicts_what_the_seed_networks_compute(
     expected_chunks = torch.sigmoid(expected["pe_present_on_image"][0, : prepared.num_chunks, 0]).numpy()
     np.testing.assert_allclose(stage_two.exam, expected_exam, atol=1e-5, rtol=0)
     np.testing.assert_allclose(stage_two.chunks, expected_chunks, atol=1e-5, rtol=0)
+
+
+def _console_script(name: str) -> Callable[[list[str]], int]:
+    """The ``main`` a console script of this repository names in pyproject.toml."""
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts[name].partition(":")
+    return cast(Callable[[list[str]], int], getattr(importlib.import_module(module), function))
 
 
 def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -241,7 +260,7 @@ def test_a_stage1_state_dict_that_does_not_fit_names_the_first_mismatching_key(
     kinetics["fc.bias"] = torch.zeros(400)
     line = _one_line_error(["import-seed", "--stage1", str(_save(kinetics, tmp_path / "k.pth")), "--stage2",
                             str(stage2_path), "--out", str(tmp_path / "k.pt")], capsys)
-    assert "'fc.weight'" in line and "(400, 32)" in line
+    assert "'fc.weight'" in line and f"(400, {FEATURES})" in line
     renamed = {k.replace("layer3.1.conv2.1.", "layer3.1.conv2.2."): v for k, v in stage1.state_dict().items()}
     line = _one_line_error(["import-seed", "--stage1", str(_save(renamed, tmp_path / "r.pth")), "--stage2",
                             str(stage2_path), "--out", str(tmp_path / "r.pt")], capsys)
@@ -254,5 +273,5 @@ def test_a_stage1_state_dict_that_does_not_fit_names_the_first_mismatching_key(
 
 def test_stage2_needs_the_seeds_difference_features() -> None:
     seed_net = _seed_stage2("TCN", 8)
-    with pytest.raises(SeedImportError, match="96"):
+    with pytest.raises(SeedImportError, match=str(3 * FEATURES)):
         infer_stage2_config(seed_net.state_dict(), 2 * FEATURES, None)
