@@ -217,9 +217,11 @@ def evaluate(
     result = evaluate_split(cache, dataset.by_key(), keys, paths.features, paths.sequence,
                             out or paths.evaluation)
     metrics = result.metrics
+    aurocs = ", ".join(f"{level} {(metrics.get(key) or {}).get('auroc')}" for level, key in
+                       (("window", "chunk"), ("window stage 1", "chunk_stage1"), ("image", "image"), ("exam PE", "exam_pe")))
     typer.echo(f"RSNA weighted log loss {metrics.get('rsna_weighted_log_loss')} "
                f"(after consistency correction {metrics.get('rsna_weighted_log_loss_corrected')}); "
-               f"files in {out or paths.evaluation}")
+               f"AUROC {aurocs}; files in {out or paths.evaluation}")
 
 
 @app.command()

@@ -306,9 +306,10 @@ def default_card(settings: Preset, dataset: RSNADataset, metrics: Mapping[str, A
         for key in ("rsna_weighted_log_loss", "rsna_weighted_log_loss_corrected"):
             if isinstance(metrics.get(key), (int, float)):
                 figures[f"test_{key}"] = float(metrics[key])
-        image = metrics.get("image") or {}
-        if isinstance(image.get("auroc"), (int, float)):
-            figures["test_image_auroc"] = float(image["auroc"])
+        for level in ("chunk", "chunk_stage1", "image", "exam_pe"):
+            summary = metrics.get(level) or {}
+            if isinstance(summary.get("auroc"), (int, float)):
+                figures[f"test_{level}_auroc"] = float(summary["auroc"])
     return ModelCard(
         name=f"pe-triage-{settings.name}",
         version=datetime.now(UTC).strftime("%Y.%m.%d"),
