@@ -407,15 +407,17 @@ def apply_minmax_windows(grid: torch.Tensor, windows: tuple[tuple[float, float],
     after clipping (the seed divides by zero there) becomes 0.
     """
     out = torch.empty((len(windows), *grid.shape), dtype=torch.uint8)
+    step = max(1, _BATCH // 4)  # float64 temporaries: a quarter of the usual batch
     for c, (level, width) in enumerate(windows):
         half = math.floor(width / 2.0)
         lower, upper = level - half, level + half
-        for b in range(0, grid.shape[0], _BATCH):
-            x = grid[b : b + _BATCH].to(torch.float64).clamp(lower, upper)
+        for b in range(0, grid.shape[0], step):
+            x = grid[b : b + step].to(torch.float64, copy=True).clamp_(lower, upper)
             x = x - x.amin(dim=(1, 2), keepdim=True)
             top = x.amax(dim=(1, 2), keepdim=True)
-            scaled = torch.where(top > 0, x / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(x))
-            out[c, b : b + _BATCH] = (scaled * 255.0).floor_().clamp_(0.0, 255.0).to(torch.uint8)
+            x.div_(torch.where(top > 0, top, torch.ones_like(top))).mul_(255.0)
+            x.masked_fill_(~(top > 0).expand_as(x), 0.0)
+            out[c, b : b + step] = x.floor_().clamp_(0.0, 255.0).to(torch.uint8)
     return out
 
 
