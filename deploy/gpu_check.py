@@ -374,6 +374,12 @@ def run_training_check(args: argparse.Namespace, workdir: Path) -> tuple[int, di
                               "cpu_only": args.cpu_only}
     device = resolve_device("cpu" if args.cpu_only else "auto")
     report["machine"] = _machine(torch, device)
+    # DataLoader workers hand batches over in /dev/shm (8 workers x 4 batches x 16 chunks x 1.1 MB =
+    # 0.6 GB at the defaults); a container's small /dev/shm is the usual reason such a run dies.
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        stat = os.statvfs(shm)
+        report["machine"]["dev_shm_free_gb"] = round(stat.f_bavail * stat.f_frsize / 2**30, 2)
     if not args.cpu_only and device.type != "cuda":
         report["error"] = 'device "auto" did not find CUDA (torch.cuda.is_available() is False); use --cpu-only to test the script'
         return EXIT_CANNOT_RUN, report
@@ -421,8 +427,8 @@ def run_training_check(args: argparse.Namespace, workdir: Path) -> tuple[int, di
     }
     finite = all(math.isfinite(loss) for loss in losses)
     report["throughput"] = {
-        "chunks_per_second": round(steady, 1),
-        "epoch_chunks_per_second": [round(r, 1) for r in rates],
+        "chunks_per_second": round(steady, 2),
+        "epoch_chunks_per_second": [round(r, 2) for r in rates],
         "epoch_train_loss": [round(loss, 5) for loss in losses],
         "loss_finite": finite,
         "chunks_trained": config.epochs * (config.samples_per_epoch or 0),
