@@ -5,8 +5,8 @@
 #
 #   deploy/gpu_checks.sh JSON_OUT [more gpu_check.py options, e.g. --cpu-only and small sizes]
 #
-# A bare device machine lacks the DICOM stack: when <repo>/.whl holds the wheels that
-# deploy/gpu_wheels.sh fetched, they are installed into a temporary folder first. The repository
+# A bare device machine lacks the DICOM stack: when <repo>/.whl (or $WHEELS_DIR) holds the wheels
+# that deploy/gpu_wheels.sh fetched, they are installed into a temporary folder first. The repository
 # is used from its source tree (PYTHONPATH), nothing is installed into the machine's Python.
 # PYTHON (default python3) is the interpreter. The exit code is gpu_check.py's: 0 agree and ran,
 # 1 probabilities disagree or the training loss was not finite, 2 a check could not run.
@@ -19,13 +19,17 @@ json_out="$1"
 shift
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
+wheels="${WHEELS_DIR:-.whl}"
 site=""
-if compgen -G ".whl/*.whl" > /dev/null; then
+if compgen -G "$wheels/*.whl" > /dev/null; then
     site="$(mktemp -d /tmp/pe-gpu-site.XXXXXX)"
     "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" .whl/*.whl
+        --target "$site" "$wheels"/*.whl
 fi
 export PYTHONPATH="$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true
-exec "$python" deploy/gpu_check.py --check all --json-out "$json_out" "$@"
+status=0
+"$python" deploy/gpu_check.py --check all --json-out "$json_out" "$@" || status=$?
+if [ -n "$site" ]; then rm -rf "$site"; fi
+exit "$status"

@@ -132,7 +132,8 @@ def test_training_check_trains_stage1_from_the_cache_files_it_built(
     out = tmp_path / "entry.json"
     completed = subprocess.run(
         ["bash", str(ENTRY), str(out), "--check", "training", "--cpu-only", *TRAINING_SMALL, "--cache-dir", str(cache_dir)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, "WHEELS_DIR": str(tmp_path / "no-wheels")},  # this venv has them
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     entry = json.loads(out.read_text())
