@@ -29,3 +29,7 @@ class ReportError(AgentError):
 
 class DeliveryError(AgentError):
     """A C-STORE to a destination failed."""
+
+
+class NotificationError(AgentError):
+    """A notification cannot be raised, sent or acknowledged (unknown study, bad link, bad target)."""
