@@ -18,9 +18,10 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pacs_agent.db.models import Flag, Instance, Job, Notification, NotificationStatus, Output, OutputKind, Result, Series, Study
+from pacs_agent.db.models import Flag, Instance, Job, Notification, NotificationStatus, Output, OutputKind, Result, Series
 from pacs_agent.notify.links import ack_url, study_url
 from pacs_agent.settings import NotificationTarget, Settings
+from pacs_agent.worklist import summarize
 
 NOT_FOR_CLINICAL_USE: Final[str] = "NOT FOR CLINICAL USE"
 #: Models known to be synthetic (pe_model's builtin demo and untrained checkpoints).
@@ -197,16 +198,14 @@ def build_message(
     now: datetime,
 ) -> AlertMessage:
     """The message for ``notification`` as ``target`` receives it."""
-    study = session.get(Study, notification.study_instance_uid)
     job = session.get(Job, notification.job_id) if notification.job_id is not None else None
     result = session.scalars(select(Result).where(Result.job_id == job.id)).first() if job is not None else None
-    summary = study.summary if study is not None and study.job_id == notification.job_id else ""
-    if not summary:
-        summary = f"analysis failed: {job.error}" if job is not None and result is None else ""
-    if not summary and result is not None:
-        from pacs_agent.worklist import summarize
-
+    if result is not None:
         summary = summarize(result)
+    elif job is not None and job.error:
+        summary = f"analysis failed: {job.error}"
+    else:
+        summary = FLAG_WORDS[notification.flag]
     identifiers = None
     if target.include_patient_identifiers or target.kind == "hl7":
         identifiers = read_patient_identifiers(Path(settings.storage.root), session, notification.series_instance_uid)
@@ -229,7 +228,7 @@ def build_message(
         flag=notification.flag,
         study_instance_uid=notification.study_instance_uid,
         series_instance_uid=notification.series_instance_uid,
-        summary=summary or FLAG_WORDS[notification.flag],
+        summary=summary,
         pe_probability=result.pe_probability if result is not None else None,
         labels=dict(result.labels or {}) if result is not None else {},
         model_name=result.model_name if result is not None else "",

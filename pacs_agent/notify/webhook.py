@@ -92,11 +92,12 @@ class WebhookChannel:
     def __init__(self, target: NotificationTarget) -> None:
         self.target = target
 
-    def _opener(self) -> urllib.request.OpenerDirector:
-        context = ssl.create_default_context(cafile=self.target.ca_file or None)
-        return urllib.request.build_opener(_NoRedirect(), urllib.request.HTTPSHandler(context=context))
-
     def send(self, message: AlertMessage) -> SendOutcome:
+        try:
+            context = ssl.create_default_context(cafile=self.target.ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            return SendOutcome(False, None, f"ca_file {self.target.ca_file} cannot be used: {exc}", retryable=False)
+        opener = urllib.request.build_opener(_NoRedirect(), urllib.request.HTTPSHandler(context=context))
         body = json.dumps(payload(self.target.template, message), separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": USER_AGENT,
                    "X-PE-Agent-Notification": str(message.notification_id)}
@@ -108,7 +109,7 @@ class WebhookChannel:
             headers["X-PE-Agent-Signature"] = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
         request = urllib.request.Request(self.target.url, data=body, headers=headers, method="POST")
         try:
-            with self._opener().open(request, timeout=self.target.timeout_seconds) as response:
+            with opener.open(request, timeout=self.target.timeout_seconds) as response:
                 code = int(response.status)
                 return SendOutcome(True, code, f"HTTP {code}", retryable=False)
         except urllib.error.HTTPError as exc:

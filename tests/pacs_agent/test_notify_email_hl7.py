@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from pacs_agent.db.models import Flag, Notification, NotificationAttempt, NotificationStatus, utcnow
 from pacs_agent.settings import Settings
-from tests.support.notify_servers import mllp_listener, smtp_receiver
+from tests.support.notify_servers import http_receiver, mllp_listener, smtp_receiver
 from tests.support.tls import LoopbackPKI, make_test_pki, openssl_available
 
 from .notify_helpers import ACCESSION, PATIENT_ID, flag_study
@@ -94,6 +94,20 @@ def test_email_password_from_the_environment(node_factory: Callable[..., Node], 
     node = node_factory([target])
     flag_study(node.session_factory, node.settings, STUDY, Flag.CRITICAL)
     assert len(node.notifier.run_once().sent) == 1 and len(smtp.messages) == 1
+
+
+def test_https_webhook_verified_against_ca_file(node_factory: Callable[..., Node], pki: LoopbackPKI) -> None:
+    with http_receiver(tls_context=pki.server_context(require_client_certificate=False)) as hook:
+        node = node_factory([
+            {"name": "trusted", "kind": "webhook", "url": hook.url, "ca_file": str(pki.ca_certificate)},
+            {"name": "untrusted", "kind": "webhook", "url": hook.url},
+        ])
+        flag_study(node.session_factory, node.settings, STUDY, Flag.CRITICAL)
+        report = node.notifier.run_once()
+    assert len(report.sent) == 1 and len(report.failed) == 1 and len(hook.requests) == 1
+    trusted, untrusted = node.notifications()
+    assert trusted.status == NotificationStatus.SENT and hook.url.startswith("https://")
+    assert untrusted.status == NotificationStatus.FAILED and "CERTIFICATE_VERIFY_FAILED" in untrusted.last_error
 
 
 def hl7_target(listener: Any, **more: Any) -> dict[str, Any]:

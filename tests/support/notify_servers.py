@@ -31,7 +31,8 @@ class HTTPReceiver:
 
 
 @contextmanager
-def http_receiver(codes: list[int] | None = None) -> Iterator[HTTPReceiver]:
+def http_receiver(codes: list[int] | None = None, tls_context: ssl.SSLContext | None = None) -> Iterator[HTTPReceiver]:
+    """ThreadingHTTPServer on 127.0.0.1 (HTTPS with ``tls_context``)."""
     receiver = HTTPReceiver(url="", codes=list(codes or []))
 
     class Handler(BaseHTTPRequestHandler):
@@ -50,7 +51,10 @@ def http_receiver(codes: list[int] | None = None) -> Iterator[HTTPReceiver]:
             return None
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    if tls_context is not None:
+        server.socket = tls_context.wrap_socket(server.socket, server_side=True)
+    scheme = "https" if tls_context is not None else "http"
+    receiver.url = f"{scheme}://127.0.0.1:{server.server_address[1]}/hook"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
