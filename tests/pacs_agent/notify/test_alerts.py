@@ -16,55 +16,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from pacs_agent.db.migrate import upgrade_database
-from pacs_agent.db.models import Event, Flag, Notification, NotificationAttempt, NotificationStatus, utcnow
-from pacs_agent.db.session import make_engine, make_session_factory, transaction
+from pacs_agent.db.models import Flag, NotificationAttempt, NotificationStatus, utcnow
+from pacs_agent.db.session import transaction
 from pacs_agent.errors import ConfigError, NotificationError
 from pacs_agent.notify import Notifier, acknowledge, acknowledge_by_link, notification_for_link, retry_notifications
 from pacs_agent.notify.links import sign_ack_token, verify_ack_token
-from pacs_agent.settings import Settings
+from tests.support.flagged_studies import ACCESSION, PATIENT_ID, STUDY, flag_study
+from tests.support.notify_node import KEY, Node
 from tests.support.notify_servers import http_receiver
-
-from .notify_helpers import ACCESSION, PATIENT_ID, flag_study
-
-STUDY = "1.2.826.0.1.3680043.10.1.1"
-KEY = b"k" * 40
-
-
-class Node:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.engine = make_engine(settings.database.url)
-        upgrade_database(settings.database.url, self.engine)
-        self.session_factory = make_session_factory(self.engine)
-        self.notifier = Notifier(settings, self.session_factory, owner="test:1/notify")
-
-    def notifications(self) -> list[Notification]:
-        with self.session_factory() as session:
-            return list(session.scalars(select(Notification).order_by(Notification.id)))
-
-    def events(self, kind: str) -> list[Event]:
-        with self.session_factory() as session:
-            return list(session.scalars(select(Event).where(Event.kind == kind).order_by(Event.id)))
-
-
-@pytest.fixture
-def node_factory(settings_factory: Callable[..., Settings], tmp_path: Path) -> Callable[..., Node]:
-    key_file = tmp_path / "ack.key"
-    key_file.write_bytes(KEY + b"\n")
-    made: list[Node] = []
-
-    def make(notifications: list[dict[str, Any]], **overrides: Any) -> Node:
-        alerts = {"signing_key_file": str(key_file), "backoff_initial_seconds": 10.0, "backoff_max_seconds": 40.0, "max_attempts": 4}
-        alerts.update(overrides.pop("alerts", {}))
-        settings = settings_factory(notifications=notifications, alerts=alerts, http={"public_url": "https://pe.example.org/"}, **overrides)
-        node = Node(settings)
-        made.append(node)
-        return node
-
-    yield make  # type: ignore[misc]
-    for node in made:
-        node.engine.dispose()
 
 
 def webhook(name: str, url: str, **more: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Helpers of the notification tests: flagged studies with a received image in the spool."""
+"""Studies on the worklist with a flag, as the worker leaves them, with a received image (and its
+patient identifiers) in the spool: for the notification and admin tests."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Flag, Instance, Job, JobStatus, Result, Series, utcnow
@@ -14,6 +15,7 @@ from pacs_agent.db.session import transaction
 from pacs_agent.settings import Settings
 from pacs_agent.worklist import refresh_study
 
+STUDY = "1.2.826.0.1.3680043.10.1.1"
 PATIENT_NAME = "Lastname^Firstname"
 PATIENT_ID = "MRN-4711"
 ACCESSION = "ACC0815"
@@ -32,7 +34,7 @@ def write_instance(spool: Path, study_uid: str, series_uid: str) -> tuple[str, s
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid

@@ -13,12 +13,11 @@ import pytest
 from sqlalchemy import select
 
 from pacs_agent.db.models import Flag, Notification, NotificationAttempt, NotificationStatus, utcnow
-from pacs_agent.settings import Settings
 from tests.support.notify_servers import http_receiver, mllp_listener, smtp_receiver
 from tests.support.tls import LoopbackPKI, make_test_pki, openssl_available
 
-from .notify_helpers import ACCESSION, PATIENT_ID, flag_study
-from .test_notify import STUDY, Node, node_factory  # noqa: F401 (the fixture)
+from tests.support.flagged_studies import ACCESSION, PATIENT_ID, STUDY, flag_study
+from tests.support.notify_node import Node
 
 pytestmark = pytest.mark.timeout(120)
 
