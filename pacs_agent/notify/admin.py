@@ -77,7 +77,7 @@ def list_notifications(
     return [notification_dict(n, attempts=attempts) for n in session.scalars(stmt)]
 
 
-def test_message(target: NotificationTarget, settings: Settings) -> AlertMessage:
+def sample_message(target: NotificationTarget, settings: Settings) -> AlertMessage:
     """A message that says it is a test, with no patient and a study UID no real study has."""
     now = utcnow()
     return AlertMessage(
@@ -109,7 +109,7 @@ def send_test(target: NotificationTarget, settings: Settings) -> SendOutcome:
     An HL7 test goes as a training message (MSH-11 "T") for patient ID PEAGENT-TEST, so that a
     receiver in production mode refuses to file it; an AR/AE answer still proves the link works.
     """
-    message = test_message(target, settings)
+    message = sample_message(target, settings)
     if target.kind == "hl7":
         target = dataclasses.replace(target, processing_id="T")
         message = dataclasses.replace(message, identifiers=PatientIdentifiers(
