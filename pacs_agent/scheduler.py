@@ -3,7 +3,9 @@
 - tracker sweep (complete series -> selection -> job) every 0.5 s;
 - dispatch of due deliveries every ``dispatch.poll_seconds``;
 - recovery of expired job leases every few seconds;
-- retention once a day (received files of finished series, outbox files of delivered jobs, old events).
+- retention once a day (received files of finished series, outbox files of delivered jobs, old events);
+- notifications (raise, escalate, send; pacs_agent/notify/) every ``alerts.poll_seconds`` when
+  [[notifications]] are configured.
 No job overlaps itself (max_instances=1) and missed runs are coalesced. A failing run is logged and the
 next one tries again: the scheduler never dies with a job.
 """
@@ -138,8 +140,13 @@ def build_scheduler(
     owner: str,
     tracker: bool = True,
     dispatcher: bool = True,
+    notify: bool = True,
 ) -> BackgroundScheduler:
-    """A configured (not yet started) scheduler for the serve process."""
+    """A configured (not yet started) scheduler for the serve process.
+
+    Raises ConfigError when the notification settings cannot be used (e.g. the signing key file is
+    missing), so that serve refuses to start rather than alert no one.
+    """
     scheduler = BackgroundScheduler(
         timezone="UTC",
         job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30},
@@ -159,6 +166,14 @@ def build_scheduler(
         scheduler.add_job(
             _guarded("dispatch", lambda: dispatch_due(session_factory, settings, owner=owner)),
             "interval", seconds=settings.dispatch.poll_seconds, id="dispatch",
+        )
+
+    if notify and settings.notifications:
+        from pacs_agent.notify import Notifier
+
+        notifier = Notifier(settings, session_factory, owner=f"{owner.rsplit('/', 1)[0]}/notify")
+        scheduler.add_job(
+            _guarded("notify", notifier.run_once), "interval", seconds=settings.alerts.poll_seconds, id="notify",
         )
 
     def recover() -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -292,3 +293,34 @@ def test_redirect_is_not_followed(node_factory: Callable[..., Node]) -> None:
     assert len(report.failed) == 1
     (n,) = node.notifications()
     assert "redirected to http://127.0.0.1:9/elsewhere" in n.last_error
+
+
+def test_serve_scheduler_runs_the_notifier(node_factory: Callable[..., Node], tmp_path: Path) -> None:
+    from pacs_agent.scheduler import build_scheduler
+
+    with http_receiver() as hook:
+        node = node_factory([webhook("pe-team", hook.url)], alerts={"poll_seconds": 0.2})
+        flag_study(node.session_factory, node.settings, STUDY, Flag.CRITICAL)
+        scheduler = build_scheduler(node.settings, node.session_factory, owner="test:1/dispatch", tracker=False, dispatcher=False)
+        assert scheduler.get_job("notify") is not None
+        scheduler.start()
+        try:
+            deadline = utcnow() + timedelta(seconds=20)
+            while not hook.requests and utcnow() < deadline:
+                time.sleep(0.1)
+        finally:
+            scheduler.shutdown()
+    assert [r["json"]["flag"] for r in hook.requests] == ["CRITICAL"]
+    (n,) = node.notifications()
+    assert n.status == NotificationStatus.SENT
+
+
+def test_serve_refuses_to_start_with_a_missing_signing_key(settings_factory: Callable[..., Any], tmp_path: Path) -> None:
+    from pacs_agent.scheduler import build_scheduler
+
+    settings = settings_factory(notifications=[webhook("pe-team", "http://127.0.0.1:9/")],
+                                alerts={"signing_key_file": str(tmp_path / "nope.key")})
+    with pytest.raises(ConfigError, match="signing_key_file .* does not exist"):
+        build_scheduler(settings, None, owner="test:1/dispatch")  # type: ignore[arg-type]
+    scheduler_without_targets = build_scheduler(settings_factory(), None, owner="t/dispatch", tracker=False, dispatcher=False)  # type: ignore[arg-type]
+    assert scheduler_without_targets.get_job("notify") is None
