@@ -128,3 +128,26 @@ def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> str:
     from tests.support.postgres import fresh_database
 
     return fresh_database(postgres_server, request.node.name, prefix="t_")
+
+
+@pytest.fixture
+def node_factory(settings_factory: Callable[..., Settings], tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``node_factory(notifications, **overrides) -> tests.support.notify_node.Node``: a migrated database,
+    settings with those [[notifications]], an acknowledgement-link key (notify_node.KEY) and a Notifier."""
+    from tests.support.notify_node import KEY, Node
+
+    key_file = tmp_path / "ack.key"
+    key_file.write_bytes(KEY + b"\n")
+    made: list[Any] = []
+
+    def make(notifications: list[dict[str, Any]], **overrides: Any) -> Any:
+        alerts = {"signing_key_file": str(key_file), "backoff_initial_seconds": 10.0, "backoff_max_seconds": 40.0, "max_attempts": 4}
+        alerts.update(overrides.pop("alerts", {}))
+        settings = settings_factory(notifications=notifications, alerts=alerts, http={"public_url": "https://pe.example.org/"}, **overrides)
+        node = Node(settings)
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.engine.dispose()
