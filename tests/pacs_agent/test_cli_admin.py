@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tests.support.notify_servers import http_receiver
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what came before (log lines of the test's own set-up)
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
@@ -165,3 +167,46 @@ def test_ack_and_notifications_from_the_command_line(
     assert json.loads(out) == []
     code, out, err = run(capsys, "ack", "1.2.3.999", "--user", "x", "-c", str(config))
     assert code == 2 and "no result or alert" in err
+
+
+def _documented_resources() -> dict[str, set[str]]:
+    """docs/CLI.md's resource table: name -> field names (a "job, plus ..." row adds to job's)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "CLI.md").read_text()
+    table = text.split("## Resources", 1)[1]
+    resources: dict[str, set[str]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or cells[0] in ("resource", "---"):
+            continue
+        name, fields = cells
+        base = fields.split(",", 1)[0].strip()
+        found = set(re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", fields)))
+        resources[name] = found | (resources[base] if base in resources else set())
+    return resources
+
+
+def test_documented_json_fields_are_what_the_commands_print(
+    capsys: pytest.CaptureFixture[str], node_factory: Callable[..., Node], tmp_path: Path,
+) -> None:
+    with http_receiver() as hook:
+        node = node_factory([{"name": "pe-team", "kind": "webhook", "url": hook.url}])
+        config = write_config(tmp_path, node)
+        job_id = flag_study(node.session_factory, node.settings, STUDY, Flag.CRITICAL)
+        _delivered(node, job_id)
+        node.notifier.run_once()
+    doc = _documented_resources()
+    c = ["-c", str(config), "--json"]
+    (job,) = json.loads(run(capsys, "jobs", *c)[1])
+    (series,) = json.loads(run(capsys, "show", STUDY, *c)[1])["series"]
+    (entry,) = json.loads(run(capsys, "worklist", *c)[1])
+    (notification,) = json.loads(run(capsys, "notifications", *c)[1])
+    acknowledgement = json.loads(run(capsys, "ack", STUDY, "--user", "x", *c)[1])
+    (detail,) = series["jobs"]
+    (output,) = detail["outputs"]
+    printed = {
+        "job": set(job), "job detail": set(detail), "result": set(detail["result"]), "output": set(output),
+        "delivery": set(output["deliveries"][0]), "series detail": set(series), "event": set(series["events"][0]),
+        "worklist entry": set(entry), "notification": set(notification), "acknowledgement": set(acknowledgement),
+    }
+    printed["series"] = printed["series detail"] - {"jobs", "events"}
+    assert {name: doc.get(name) for name in printed} == printed
