@@ -10,6 +10,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -324,3 +325,22 @@ def test_serve_refuses_to_start_with_a_missing_signing_key(settings_factory: Cal
         build_scheduler(settings, None, owner="test:1/dispatch")  # type: ignore[arg-type]
     scheduler_without_targets = build_scheduler(settings_factory(), None, owner="t/dispatch", tracker=False, dispatcher=False)  # type: ignore[arg-type]
     assert scheduler_without_targets.get_job("notify") is None
+
+
+@pytest.mark.postgres
+def test_two_notifiers_on_postgresql_send_each_alert_once(node_factory: Callable[..., Node], postgres_url: str) -> None:
+    """Two serve processes sharing PostgreSQL: raising is idempotent (dedup_key) and claiming skips locked rows."""
+    with http_receiver() as hook:
+        node = node_factory([webhook("pe-team", hook.url)], database={"url": postgres_url})
+        for n in range(4):
+            flag_study(node.session_factory, node.settings, f"1.2.{n}", Flag.CRITICAL)
+        other = Notifier(node.settings, node.session_factory, owner="other:2/notify")
+        with ThreadPoolExecutor(2) as pool:
+            reports = list(pool.map(lambda notifier: notifier.run_once(), [node.notifier, other]))
+        leftover = node.notifier.run_once()
+    raised = sorted(i for r in [*reports, leftover] for i in r.raised)
+    sent = sorted(i for r in [*reports, leftover] for i in r.sent)
+    assert len(raised) == 4 and sent == raised
+    assert sorted(r["json"]["study_instance_uid"] for r in hook.requests) == [f"1.2.{n}" for n in range(4)]
+    with transaction(node.session_factory) as session:
+        assert acknowledge(session, "1.2.0", "Dr Who", "cli").acknowledged_ids
