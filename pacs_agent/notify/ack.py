@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from pacs_agent.db.models import Event, Notification, NotificationStatus, Study, utcnow
 from pacs_agent.errors import NotificationError
-from pacs_agent.events import record_event
+from pacs_agent.db.events import record_event
 from pacs_agent.notify.links import verify_ack_token
 from pacs_agent.notify.outbox import STUDY_ACKNOWLEDGED
 from pacs_agent.settings import ALERT_KINDS

@@ -32,12 +32,12 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import transaction
-from pacs_agent.events import record_event
-from pacs_agent.logging import get_logger
+from pacs_agent.db.events import record_event
+from pacs_agent.logs import get_logger
 from pacs_agent.notify.channels import Channel, SendOutcome, build_channel
 from pacs_agent.notify.links import load_signing_key
 from pacs_agent.notify.message import build_message
-from pacs_agent.queue import Backoff
+from pacs_agent.jobs.leases import Backoff
 from pacs_agent.settings import ALERT_KINDS, NotificationTarget, Settings
 
 log = get_logger(__name__)

@@ -17,8 +17,9 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from pacs_agent.demo import AgentProcess, free_port
-from tests.e2e.conftest import AGENT_AE_TITLE, clean_environment, small_ctpa, wait_for, write_agent_config, write_phantom
+from pacs_agent.demo.pacs import free_port
+from pacs_agent.demo.run import AgentProcess
+from tests.support.agent import AGENT_AE_TITLE, clean_environment, small_ctpa, wait_for, write_agent_config, write_phantom
 from tests.support.notify_servers import http_receiver, mllp_listener, smtp_receiver
 from tests.support.tls import make_test_pki, openssl_available
 
@@ -95,5 +96,5 @@ def _study_uid(path: Path) -> str:
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`pe-agent ARGS -c CONFIG` as the administrator runs it."""
-    return subprocess.run([sys.executable, "-m", "pacs_agent.cli", *args, "-c", str(config)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pacs_agent.node.cli", *args, "-c", str(config)], capture_output=True, text=True,
                           timeout=60, env=clean_environment(), check=False)

@@ -297,7 +297,7 @@ def test_redirect_is_not_followed(node_factory: Callable[..., Node]) -> None:
 
 
 def test_serve_scheduler_runs_the_notifier(node_factory: Callable[..., Node], tmp_path: Path) -> None:
-    from pacs_agent.scheduler import build_scheduler
+    from pacs_agent.node.scheduler import build_scheduler
 
     with http_receiver() as hook:
         node = node_factory([webhook("pe-team", hook.url)], alerts={"poll_seconds": 0.2})
@@ -317,7 +317,7 @@ def test_serve_scheduler_runs_the_notifier(node_factory: Callable[..., Node], tm
 
 
 def test_serve_refuses_to_start_with_a_missing_signing_key(settings_factory: Callable[..., Any], tmp_path: Path) -> None:
-    from pacs_agent.scheduler import build_scheduler
+    from pacs_agent.node.scheduler import build_scheduler
 
     settings = settings_factory(notifications=[webhook("pe-team", "http://127.0.0.1:9/")],
                                 alerts={"signing_key_file": str(tmp_path / "nope.key")})
