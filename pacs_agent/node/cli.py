@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.migrate import SchemaOutOfDateError, check_schema_at_head, current_revision, head_revision, upgrade_database
@@ -121,7 +122,11 @@ def _database(settings: Settings) -> Iterator[_Database]:
     _require_database(settings)
     engine = make_engine(settings.database.url)
     try:
-        check_schema_at_head(engine)
+        try:
+            check_schema_at_head(engine)
+        except OperationalError as exc:
+            where = make_url(settings.database.url).render_as_string(hide_password=True)
+            raise OperationFailed(f"cannot open the database {where}: {str(exc.orig).strip().splitlines()[0]}") from None
         yield _Database(engine=engine, factory=make_session_factory(engine))
     finally:
         engine.dispose()

@@ -210,3 +210,14 @@ def test_documented_json_fields_are_what_the_commands_print(
     }
     printed["series"] = printed["series detail"] - {"jobs", "events"}
     assert {name: doc.get(name) for name in printed} == printed
+
+
+def test_an_unreachable_database_is_one_line_without_the_password(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, free_port: Callable[[], int],
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[database]\nurl = "postgresql+psycopg://pe_agent:s3cret@127.0.0.1:{free_port()}/pe_agent"\n')
+    code, out, err = run(capsys, "status", "-c", str(config))
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("pe-agent: cannot open the database postgresql+psycopg://pe_agent:***@127.0.0.1:")
+    assert "s3cret" not in err and "Traceback" not in err
