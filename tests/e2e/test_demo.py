@@ -212,8 +212,9 @@ def test_keep_leaves_the_pacs_and_the_dashboard_running_until_stopped(tmp_path: 
         dashboard = urls["Dashboard"]
         with urllib.request.urlopen(dashboard + "healthz", timeout=10) as response:
             assert response.status == 200
-        with urllib.request.urlopen(dashboard + "worklist", timeout=10) as response:
-            assert len(json.loads(response.read())) == 2, "the two CTPAs are on the worklist"
+        worklist = subprocess.run([sys.executable, "-m", "pacs_agent.node.cli", "worklist", "--json", "-c", str(workdir / "agent.toml")],
+                                  capture_output=True, text=True, timeout=60, env=clean_environment(), check=False)
+        assert worklist.returncode == 0 and len(json.loads(worklist.stdout)) == 2, "the node answers: two CTPAs on its worklist"
         if pacs == "orthanc":
             with urllib.request.urlopen(urls["Orthanc Explorer"], timeout=10) as response:
                 assert response.status == 200 and b"Orthanc" in response.read()
