@@ -8,7 +8,7 @@ which must file the result against the patient); they are read from a received i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -73,9 +73,8 @@ class AlertMessage:
     acknowledge_url: str
     node_ae_title: str
     identifiers: PatientIdentifiers | None = None
-    #: Unlike the first result sent to this target for the study (HL7 result status C).
+    #: A later result of a study this target already received one for (HL7 result status C).
     correction: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def disclaimer(self) -> str:
