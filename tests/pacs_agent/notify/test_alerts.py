@@ -344,3 +344,19 @@ def test_two_notifiers_on_postgresql_send_each_alert_once(node_factory: Callable
     assert sorted(r["json"]["study_instance_uid"] for r in hook.requests) == [f"1.2.{n}" for n in range(4)]
     with transaction(node.session_factory) as session:
         assert acknowledge(session, "1.2.0", "Dr Who", "cli").acknowledged_ids
+
+
+def test_retention_deletes_finished_notifications_with_the_events(node_factory: Callable[..., Node], free_port: Callable[[], int]) -> None:
+    from pacs_agent.node.scheduler import run_retention
+
+    with http_receiver() as hook:
+        node = node_factory([webhook("pe-team", hook.url), webhook("down", f"http://127.0.0.1:{free_port()}/", timeout_seconds=2)])
+        flag_study(node.session_factory, node.settings, STUDY, Flag.CRITICAL)
+        node.notifier.run_once()
+    sent, pending = node.notifications()
+    assert sent.status == NotificationStatus.SENT and pending.status == NotificationStatus.PENDING
+    report = run_retention(node.session_factory, node.settings, now=utcnow() + timedelta(days=node.settings.retention.events_days + 1))
+    assert report.notifications_deleted == 1
+    assert [n.id for n in node.notifications()] == [pending.id], "a notification still being sent is kept"
+    with node.session_factory() as session:
+        assert [a.notification_id for a in session.scalars(select(NotificationAttempt))] == [pending.id]
