@@ -1,4 +1,4 @@
-"""The RSNA-STR PE label set and the competition weights (RSNA-STR PE Detection 2020)."""
+"""The RSNA-STR PE label set and the competition weights (docs/METHOD.md)."""
 
 from __future__ import annotations
 
