@@ -5,7 +5,11 @@ InstanceNumber, never by z alone), so descending, shuffled, gapped and tilted ac
 land at their real positions. Classic single-frame CT and Enhanced CT (functional groups) are
 read; pixel data of every transfer syntax a PACS sends is decoded by pydicom with its pylibjpeg
 and gdcm plugins. Images that cannot be part of the volume (localizers, other orientations,
-other sizes, duplicate positions) are dropped and listed in ``Volume.skipped`` with the reason.
+other sizes, duplicate positions, implausible header values or pixel values) are dropped and listed
+in ``Volume.skipped`` with the reason; a series that is not plausible CT as a whole (a gap of missing
+slices, a PixelSpacing of metres, values that are not HU, too many disagreeing images, more voxels than
+the memory cap) is refused with the reason (``pe_model.validation``) before its pixels are decoded
+where the header suffices.
 """
 
 from __future__ import annotations
@@ -27,13 +31,27 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from pe_model.errors import (
+    ImplausibleGeometryError,
+    ImplausiblePixelValuesError,
     InconsistentOrientationError,
+    InconsistentSeriesError,
     MissingGeometryError,
     MixedSeriesError,
     NoImagesError,
     NotCTError,
+    SeriesError,
     TooFewSlicesError,
     UnreadablePixelsError,
+)
+from pe_model.validation import (
+    DEFAULT_LIMITS,
+    SeriesLimits,
+    check_dropped,
+    check_size,
+    check_stack,
+    pixel_spacing_problem,
+    rescale_problem,
+    slice_values_problem,
 )
 
 log = structlog.get_logger(__name__)
@@ -125,10 +143,32 @@ class _Image:
     position: np.ndarray | None
     pixel_spacing: tuple[float, float] | None
     slice_thickness: float | None
-    slope: float
-    intercept: float
+    #: As in the header: None when absent (1 and 0 apply), NaN when present but not a number.
+    rescale_slope: float | None
+    rescale_intercept: float | None
     is_localizer: bool
     order_key: tuple[int, int, int]
+    #: (BitsAllocated, PixelRepresentation): how stored values are read.
+    encoding: tuple[int, int] = (16, 0)
+
+    @property
+    def slope(self) -> float:
+        return 1.0 if self.rescale_slope is None else self.rescale_slope
+
+    @property
+    def intercept(self) -> float:
+        return 0.0 if self.rescale_intercept is None else self.rescale_intercept
+
+
+@dataclass(frozen=True)
+class _Skip:
+    """An image left out of the volume: why, and whether it counts as disagreeing with the series
+    (localizers and images received twice do not)."""
+
+    sop_instance_uid: str
+    reason: str
+    counts: bool = True
+    error: type[SeriesError] = InconsistentSeriesError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +290,23 @@ def _float_or_none(value: Any) -> float | None:
     return f if np.isfinite(f) else None
 
 
+def _rescale_value(container: Dataset | None, keyword: str) -> float | None:
+    """A RescaleSlope/RescaleIntercept as written: None when absent or empty, NaN when not a number."""
+    if container is None:
+        return None
+    value = container.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _encoding(ds: Dataset) -> tuple[int, int]:
+    return _int_or(ds.get("BitsAllocated"), 16), _int_or(ds.get("PixelRepresentation"), 0)
+
+
 def _item(ds: Dataset, frame_group: Dataset | None, sequence: str) -> Dataset | None:
     """First item of a functional-group macro: per-frame group first, then the shared group."""
     for group in (frame_group, _first(ds.get("SharedFunctionalGroupsSequence"))):
@@ -298,10 +355,11 @@ def _images_of(ds: Dataset, source_index: int) -> list[_Image]:
                 position=_floats(ds.get("ImagePositionPatient"), 3),
                 pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
                 slice_thickness=_float_or_none(ds.get("SliceThickness")),
-                slope=_float_or_none(ds.get("RescaleSlope")) or 1.0,
-                intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
+                rescale_slope=_rescale_value(ds, "RescaleSlope"),
+                rescale_intercept=_rescale_value(ds, "RescaleIntercept"),
                 is_localizer=_is_localizer(ds.get("ImageType")),
                 order_key=order_key,
+                encoding=_encoding(ds),
             )
         ]
     whole_localizer = _is_localizer(ds.get("ImageType"))
@@ -330,12 +388,12 @@ def _images_of(ds: Dataset, source_index: int) -> list[_Image]:
                 else None,
                 pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
                 slice_thickness=_float_or_none(measures.get("SliceThickness")) if measures is not None else None,
-                slope=(_float_or_none(transform.get("RescaleSlope")) if transform is not None else None) or 1.0,
-                intercept=(_float_or_none(transform.get("RescaleIntercept")) if transform is not None else None)
-                or 0.0,
+                rescale_slope=_rescale_value(transform, "RescaleSlope"),
+                rescale_intercept=_rescale_value(transform, "RescaleIntercept"),
                 is_localizer=whole_localizer
                 or (frame_type is not None and _is_localizer(frame_type.get("FrameType"))),
                 order_key=(order_key[0], order_key[1], i + 1),
+                encoding=_encoding(ds),
             )
         )
     return images
@@ -349,7 +407,7 @@ def _same_orientation(a: np.ndarray, b: np.ndarray, cos_tol: float) -> bool:
     return float(np.dot(a[:3], b[:3])) >= cos_tol and float(np.dot(a[3:], b[3:])) >= cos_tol
 
 
-def _dominant_orientation(images: list[_Image], skipped: list[tuple[str, str]], min_slices: int) -> list[_Image]:
+def _dominant_orientation(images: list[_Image], skipped: list[_Skip], min_slices: int) -> list[_Image]:
     cos_tol = float(np.cos(np.deg2rad(ORIENTATION_TOLERANCE_DEG)))
     groups: list[list[_Image]] = []
     for image in images:
@@ -376,11 +434,15 @@ def _dominant_orientation(images: list[_Image], skipped: list[tuple[str, str]], 
             )
     for group in groups[1:]:
         for image in group:
-            skipped.append((image.sop_instance_uid, "orientation differs from the series' main orientation"))
+            # Another plane (a reformat, an untagged scout) is another image, not a missing slice.
+            skipped.append(
+                _Skip(image.sop_instance_uid, "orientation differs from the series' main orientation",
+                      counts=False, error=InconsistentOrientationError)
+            )
     return best
 
 
-def _dominant_by(images: list[_Image], key: Any, skipped: list[tuple[str, str]], reason: str) -> list[_Image]:
+def _dominant_by(images: list[_Image], key: Any, skipped: list[_Skip], reason: str) -> list[_Image]:
     counts = Counter(key(im) for im in images)
     best_key, _ = counts.most_common(1)[0]
     kept = []
@@ -388,7 +450,7 @@ def _dominant_by(images: list[_Image], key: Any, skipped: list[tuple[str, str]],
         if key(image) == best_key:
             kept.append(image)
         else:
-            skipped.append((image.sop_instance_uid, reason.format(key(image), best_key)))
+            skipped.append(_Skip(image.sop_instance_uid, reason.format(key(image), best_key)))
     return kept
 
 
@@ -400,15 +462,45 @@ def _spacing_key(image: _Image) -> tuple[float, float]:
     )
 
 
-def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.ndarray, list[tuple[str, str]]]:
-    """Images that form the volume, ascending along the normal, their positions, and the dropped ones."""
-    skipped: list[tuple[str, str]] = []
+def _refuse_too_few(kept: int, skipped: list[_Skip], min_slices: int, what: str) -> None:
+    """Raise when fewer than ``min_slices`` images are left, naming the commonest reason they were dropped
+    (with the error class of that reason: a series whose every RescaleSlope is 0 is ImplausiblePixelValues)."""
+    if kept >= min_slices:
+        return
+    counted = [s for s in skipped if s.counts]
+    if not counted:
+        raise TooFewSlicesError(
+            f"series has {kept} usable slices; at least {min_slices} are needed"
+            + (f" ({len(skipped)} images skipped)" if skipped else "")
+        )
+    reasons = Counter((s.error, s.reason) for s in counted)
+    (error, reason), count = reasons.most_common(1)[0]
+    others = len(counted) - count
+    raise error(
+        f"series has {kept} usable {what}; at least {min_slices} are needed: {count} image(s) dropped because {reason}"
+        + (f", {others} for other reasons" if others else "")
+    )
+
+
+def _summary(skipped: list[_Skip]) -> str:
+    reasons = Counter(s.reason for s in skipped if s.counts)
+    return "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
+
+
+def _select(
+    images: list[_Image], min_slices: int, limits: SeriesLimits = DEFAULT_LIMITS
+) -> tuple[list[_Image], np.ndarray, list[_Skip]]:
+    """Images that form the volume, ascending along the normal, their positions, and the dropped ones.
+
+    Raises a SeriesError when what is left is not one plausible, complete CT series (pe_model.validation).
+    """
+    skipped: list[_Skip] = []
     usable: list[_Image] = []
     n_localizers = 0
     for image in images:
         if image.is_localizer:
             n_localizers += 1
-            skipped.append((image.sop_instance_uid, "localizer (scout) image"))
+            skipped.append(_Skip(image.sop_instance_uid, "localizer (scout) image", counts=False))
         else:
             usable.append(image)
     if not usable:
@@ -418,11 +510,11 @@ def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.nda
     with_geometry = []
     for image in usable:
         if image.orientation is None:
-            skipped.append((image.sop_instance_uid, "ImageOrientationPatient missing or invalid"))
+            skipped.append(_Skip(image.sop_instance_uid, "ImageOrientationPatient missing or invalid", error=MissingGeometryError))
         elif image.position is None:
-            skipped.append((image.sop_instance_uid, "ImagePositionPatient missing or invalid"))
+            skipped.append(_Skip(image.sop_instance_uid, "ImagePositionPatient missing or invalid", error=MissingGeometryError))
         elif image.rows <= 0 or image.columns <= 0:
-            skipped.append((image.sop_instance_uid, "Rows or Columns missing"))
+            skipped.append(_Skip(image.sop_instance_uid, "Rows or Columns missing", error=MissingGeometryError))
         else:
             with_geometry.append(image)
     if not with_geometry:
@@ -433,14 +525,34 @@ def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.nda
     kept = _dominant_by(
         kept, lambda im: (im.rows, im.columns), skipped, "image size {0[0]}x{0[1]} differs from the series' {1[0]}x{1[1]}"
     )
+    kept = _dominant_by(
+        kept,
+        lambda im: im.encoding,
+        skipped,
+        "pixel encoding (BitsAllocated, PixelRepresentation) {0} differs from the series' {1}",
+    )
     missing_spacing = [im for im in kept if im.pixel_spacing is None]
     if len(missing_spacing) == len(kept):
         raise MissingGeometryError("PixelSpacing is missing or invalid in every image of the series")
     for image in missing_spacing:
-        skipped.append((image.sop_instance_uid, "PixelSpacing missing or invalid"))
-    kept = [im for im in kept if im.pixel_spacing is not None]
+        skipped.append(_Skip(image.sop_instance_uid, "PixelSpacing missing or invalid", error=MissingGeometryError))
+    plausible: list[_Image] = []
+    for image in kept:
+        if image.pixel_spacing is None:
+            continue
+        problem = pixel_spacing_problem(image.pixel_spacing, image.rows, image.columns, limits)
+        if problem is None:
+            problem = rescale_problem(image.rescale_slope, image.rescale_intercept, limits)
+            error: type[SeriesError] = ImplausiblePixelValuesError
+        else:
+            error = ImplausibleGeometryError
+        if problem is None:
+            plausible.append(image)
+        else:
+            skipped.append(_Skip(image.sop_instance_uid, problem, error=error))
+    _refuse_too_few(len(plausible), skipped, min_slices, "images")
     kept = _dominant_by(
-        kept, _spacing_key, skipped, "pixel spacing {0[0]:.3f}x{0[1]:.3f} mm differs from the series' {1[0]:.3f}x{1[1]:.3f} mm"
+        plausible, _spacing_key, skipped, "pixel spacing {0[0]:.3f}x{0[1]:.3f} mm differs from the series' {1[0]:.3f}x{1[1]:.3f} mm"
     )
 
     orientation = kept[0].orientation
@@ -461,17 +573,16 @@ def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.nda
                 reason = "same image received twice"
             else:
                 reason = f"duplicate position {pos:.2f} mm; kept the later image {winner.sop_instance_uid}"
-            skipped.append((loser.sop_instance_uid, reason))
+            skipped.append(_Skip(loser.sop_instance_uid, reason, counts=False))
             ordered[-1] = winner
         else:
             ordered.append(image)
             ordered_positions.append(pos)
-    if len(ordered) < min_slices:
-        raise TooFewSlicesError(
-            f"series has {len(ordered)} usable slices; at least {min_slices} are needed"
-            + (f" ({len(skipped)} images skipped)" if skipped else "")
-        )
-    return ordered, np.asarray(ordered_positions, dtype=np.float64), skipped
+    _refuse_too_few(len(ordered), skipped, min_slices, "slices")
+    stack = np.asarray(ordered_positions, dtype=np.float64)
+    check_stack(stack, limits)
+    check_dropped(len(images), sum(1 for s in skipped if s.counts), limits, detail=_summary(skipped))
+    return ordered, stack, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,13 +598,16 @@ def _decode_into(
     ordered: list[_Image],
     sources: list[Path | Dataset],
     headers: dict[int, Dataset],
-) -> np.ndarray:
-    """Decode each chosen frame straight into its slice of ``voxels`` (D, H, W), in HU; returns the array.
+    limits: SeriesLimits = DEFAULT_LIMITS,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode each chosen frame straight into its slice of ``voxels`` (D, H, W), in HU; returns the array
+    and, by slice index, why a slice's values are not HU (``pe_model.validation.slice_values_problem``).
 
     ``voxels`` int16 (every image has an integral slope and intercept): each slice's HU are computed
     exactly in int32 and stored; a slice whose HU do not fit int16 turns the whole array into float32
     (exactly: int16 values are float32 values) and decoding goes on in float32.
     """
+    problems: dict[int, str] = {}
     by_source: dict[int, list[tuple[int, _Image]]] = {}
     for k, image in enumerate(ordered):
         by_source.setdefault(image.source_index, []).append((k, image))
@@ -521,6 +635,10 @@ def _decode_into(
                         hu *= int(image.slope)
                     if image.intercept != 0.0:
                         hu += int(image.intercept)
+                    problem = slice_values_problem(hu, limits)
+                    if problem is not None:
+                        problems[k] = problem
+                        continue
                     if hu.size and (int(hu.min()) < -(2**15) or int(hu.max()) >= 2**15):
                         voxels = voxels.astype(np.float32)
                     voxels[k] = hu
@@ -531,11 +649,14 @@ def _decode_into(
                     out *= np.float32(image.slope)
                 if image.intercept != 0.0:
                     out += np.float32(image.intercept)
+                problem = slice_values_problem(out, limits)
+                if problem is not None:
+                    problems[k] = problem
         except UnreadablePixelsError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
             raise UnreadablePixelsError(f"cannot decode the pixel data of image {uid}: {exc}") from exc
-    return voxels
+    return voxels, problems
 
 
 def _check_native_length(src: Path | Dataset, header: Dataset | None, uid: str) -> None:
@@ -598,12 +719,14 @@ def _pixel_source(src: Path | Dataset, header: Dataset | None) -> Path | Dataset
 # ---------------------------------------------------------------------------------------------
 
 
-def load_series(source: Source, *, min_slices: int = 10) -> Volume:
+def load_series(source: Source, *, min_slices: int = 10, limits: SeriesLimits = DEFAULT_LIMITS) -> Volume:
     """Build the HU volume of one CT series from a folder, a list of paths, or datasets.
 
-    Raises a SeriesError subclass (NoImagesError, MixedSeriesError, NotCTError,
-    TooFewSlicesError, InconsistentOrientationError, MissingGeometryError, UnreadablePixelsError)
-    when the series cannot be analysed.
+    Raises a SeriesError subclass (NoImagesError, MixedSeriesError, NotCTError, TooFewSlicesError,
+    InconsistentOrientationError, MissingGeometryError, UnreadablePixelsError, and from
+    ``pe_model.validation``: ImplausibleGeometryError, IncompleteSeriesError, ImplausiblePixelValuesError,
+    InconsistentSeriesError, VolumeTooLargeError) when the series cannot be analysed. Images left out
+    are listed in ``Volume.skipped``.
     """
     sources = _sources(source)
     headers: dict[int, Dataset] = {}
@@ -626,17 +749,24 @@ def load_series(source: Source, *, min_slices: int = 10) -> Volume:
         raise NotCTError(f"series modality is {', '.join(modalities)}, not CT")
 
     images = [im for i, ds in image_headers for im in _images_of(ds, i)]
-    ordered, positions, skipped = _select(images, min_slices)
+    ordered, positions, skipped = _select(images, min_slices, limits)
 
     first = ordered[0]
     assert first.orientation is not None and first.pixel_spacing is not None
     # HU as int16 when they are integers (integral RescaleSlope and RescaleIntercept: nearly every CT):
     # half the memory of float32 for the largest array of an analysis, and the same values.
     exact = all(_integral(im.slope) and _integral(im.intercept) for im in ordered)
-    voxels = np.empty((len(ordered), first.rows, first.columns), dtype=np.int16 if exact else np.float32)
-    voxels = _decode_into(voxels, ordered, sources, headers)
-    for uid, reason in skipped:
-        log.info("volume.image_skipped", sop_instance_uid=uid, reason=reason)
+    dtype = np.int16 if exact else np.float32
+    check_size(len(ordered), first.rows, first.columns, np.dtype(dtype).itemsize, limits)
+    voxels = np.empty((len(ordered), first.rows, first.columns), dtype=dtype)
+    voxels, problems = _decode_into(voxels, ordered, sources, headers, limits)
+    if problems:
+        ordered, positions, voxels = _drop_slices(ordered, positions, voxels, problems, skipped)
+        _refuse_too_few(len(ordered), skipped, min_slices, "slices")
+        check_stack(positions, limits)
+        check_dropped(len(images), sum(1 for s in skipped if s.counts), limits, detail=_summary(skipped))
+    for skip in skipped:
+        log.info("volume.image_skipped", sop_instance_uid=skip.sop_instance_uid, reason=skip.reason)
     volume = Volume(
         voxels=voxels,
         positions_mm=positions,
@@ -648,7 +778,7 @@ def load_series(source: Source, *, min_slices: int = 10) -> Volume:
         study_instance_uid=study_uids[0],
         series_instance_uid=series_uids[0],
         slice_thickness_mm=first.slice_thickness,
-        skipped=tuple(skipped),
+        skipped=tuple((skip.sop_instance_uid, skip.reason) for skip in skipped),
     )
     log.info(
         "volume.loaded",
@@ -657,3 +787,16 @@ def load_series(source: Source, *, min_slices: int = 10) -> Volume:
         skipped=len(skipped),
     )
     return volume
+
+
+def _drop_slices(
+    ordered: list[_Image], positions: np.ndarray, voxels: np.ndarray, problems: dict[int, str], skipped: list[_Skip]
+) -> tuple[list[_Image], np.ndarray, np.ndarray]:
+    """Leave out the slices whose values are not HU: moved down in place (no second copy of the volume)."""
+    keep = [k for k in range(len(ordered)) if k not in problems]
+    for k, reason in sorted(problems.items()):
+        skipped.append(_Skip(ordered[k].sop_instance_uid, reason, error=ImplausiblePixelValuesError))
+    for target, k in enumerate(keep):
+        if target != k:
+            voxels[target] = voxels[k]
+    return [ordered[k] for k in keep], positions[keep], voxels[: len(keep)]
