@@ -15,6 +15,7 @@ where the header suffices.
 from __future__ import annotations
 
 import copy
+import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,9 +27,18 @@ import pydicom
 import pydicom.pixels
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from pe_model.errors import (
     ImplausibleGeometryError,
@@ -617,6 +627,7 @@ def _decode_into(
         try:
             src = _pixel_source(sources[source_index], headers.get(source_index))
             _check_native_length(src, headers.get(source_index), uid)
+            src = _check_codestreams(src, headers.get(source_index), rows, columns, uid)
             if targets[0][1].frame_number is None:
                 frames: Iterator[np.ndarray] = iter([pydicom.pixels.pixel_array(src)])
             else:
@@ -682,6 +693,49 @@ def _check_native_length(src: Path | Dataset, header: Dataset | None, uid: str) 
             f"image {uid}: pixel data holds {length} bytes, but {rows}x{columns}, {frames} frame(s) "
             f"at {bits} bits allocated need {expected}"
         )
+
+
+def _codestream_size(frame: bytes, syntax: UID) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 codestream declares, None if it cannot be told."""
+    if syntax in JPEG2000TransferSyntaxes:
+        offset = 0
+        if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: the codestream is in its jp2c box
+            found = frame.find(b"jp2c")
+            if found < 0:
+                return None
+            offset = found + 4
+        if frame[offset : offset + 4] != b"\xff\x4f\xff\x51" or len(frame) < offset + 24:
+            return None
+        x_size, y_size, x_origin, y_origin = struct.unpack(">LLLL", frame[offset + 8 : offset + 24])
+        return y_size - y_origin, x_size - x_origin
+    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        info = _get_jpg_parameters(frame)
+        if "rows" in info and "columns" in info:
+            return int(info["rows"]), int(info["columns"])
+    return None
+
+
+def _check_codestreams(src: Path | Dataset, header: Dataset | None, rows: int, columns: int, uid: str) -> Path | Dataset:
+    """Refuse compressed frames whose codestream declares a larger image than Rows x Columns before a decoder
+    allocates what the codestream asks for (a few bytes can declare a 4-gigapixel image). Returns what to
+    decode from: the dataset read here (its compressed bytes: no second read of the file)."""
+    info = header if header is not None else (src if isinstance(src, Dataset) else None)
+    meta = getattr(info, "file_meta", None) if info is not None else None
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or not UID(syntax).is_encapsulated:
+        return src
+    syntax = UID(syntax)
+    if not (syntax in JPEG2000TransferSyntaxes or syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes):
+        return src
+    ds = src if isinstance(src, Dataset) else pydicom.dcmread(src)
+    frames = _int_or(ds.get("NumberOfFrames"), 1)
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        size = _codestream_size(frame, syntax)
+        if size is not None and (size[0] > rows or size[1] > columns):
+            raise UnreadablePixelsError(
+                f"image {uid}: frame {index + 1} declares {size[0]}x{size[1]} pixels, but Rows x Columns is {rows}x{columns}"
+            )
+    return ds
 
 
 def _pixel_source(src: Path | Dataset, header: Dataset | None) -> Path | Dataset:

@@ -193,3 +193,20 @@ def test_values_of_a_signed_phantom_stay_exact(signed_series: list[Dataset]) -> 
     volume = load_series(_fresh(signed_series))
     first = _fresh(signed_series)[0]
     np.testing.assert_array_equal(volume.voxels[0], first.pixel_array.astype(np.int16))
+
+
+def test_a_codestream_larger_than_rows_columns_is_refused_before_decoding(tmp_path: Path) -> None:
+    """A JPEG 2000 frame declaring more pixels than the header allows never reaches the decoder."""
+    from pydicom.uid import JPEG2000Lossless
+
+    from pe_model.errors import UnreadablePixelsError
+
+    truth = write_phantom_series(
+        tmp_path / "j2k", PhantomSpec(rows=32, columns=32, n_slices=12, seed=13), transfer_syntax_uid=JPEG2000Lossless
+    )
+    series = [pydicom.dcmread(f) for f in truth.files]
+    assert load_series(copy.deepcopy(series)).shape == (12, 32, 32)
+    for ds in series:
+        ds.Rows = ds.Columns = 16
+    with pytest.raises(UnreadablePixelsError, match="declares 32x32 pixels"):
+        load_series(series)
