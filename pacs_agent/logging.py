@@ -185,6 +185,39 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installed, so configuring twice replaces it."""
 
 
+class _ThreadQuiet(threading.local):
+    library_lines: bool = False
+
+
+_THREAD_QUIET = _ThreadQuiet()
+
+
+def quiet_library_lines_in_this_thread() -> None:
+    """The node has refused this thread's peer and logged why in one line: what pynetdicom logs next in
+    this thread about the connection it is closing ("PDU shorter than expected", ...) is dropped."""
+    _THREAD_QUIET.library_lines = True
+
+
+class LibraryRecordFilter(logging.Filter):
+    """One line per library record, never a traceback: pynetdicom logs one for every malformed PDU a peer
+    sends (garbage is the peer's problem, not a crash of the node); the message already names the error.
+    At DEBUG the tracebacks are kept."""
+
+    def __init__(self, keep_tracebacks: bool) -> None:
+        super().__init__()
+        self._keep_tracebacks = keep_tracebacks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("pynetdicom"):
+            return True
+        if _THREAD_QUIET.library_lines:
+            return False
+        if record.exc_info and not self._keep_tracebacks:
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) -> None:
     """Route structlog and standard-library logging to one stream (stderr by default).
 
@@ -211,6 +244,7 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
     )
     handler = _Handler(out)
     handler.setFormatter(formatter)
+    handler.addFilter(LibraryRecordFilter(keep_tracebacks=level <= logging.DEBUG))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(old)

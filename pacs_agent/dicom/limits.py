@@ -41,7 +41,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import split_dataset
 
-from pacs_agent.logs import get_logger
+from pacs_agent.logs import get_logger, quiet_library_lines_in_this_thread
 
 log = get_logger(__name__)
 
@@ -89,21 +89,6 @@ def abort_bytes(source: int = 0x02, reason: int = ABORT_INVALID_PDU_PARAMETER) -
     return struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, source, reason)
 
 
-class _Quiet(threading.local):
-    """Per thread: the connection was refused here, so pynetdicom's own lines about it are noise."""
-
-    refused: bool = False
-
-
-_QUIET = _Quiet()
-
-
-def pynetdicom_line_is_noise() -> bool:
-    """True in a thread whose connection the node has just refused (its warning line says why): the lines
-    pynetdicom then logs about the short read are dropped (`pacs_agent.logs`)."""
-    return _QUIET.refused
-
-
 def _bounded_recv(transport: Any, limits: AssociationLimits, peer: str) -> Callable[[int], bytearray]:
     """``AssociationSocket.recv`` for pynetdicom's DUL, which asks for a 6-byte PDU header and then for
     the body's declared length: the body is read in pieces up to the cap of its PDU type; a longer
@@ -133,7 +118,7 @@ def _bounded_recv(transport: Any, limits: AssociationLimits, peer: str) -> Calla
         state["header"] = True
         cap = pdu_cap(limits, int(state["pdu_type"]))
         if nr_bytes > cap:
-            _QUIET.refused = True
+            quiet_library_lines_in_this_thread()  # pynetdicom's lines about the short read would repeat it
             log.warning(
                 "pdu_too_large", peer=peer, pdu_type=f"0x{int(state['pdu_type']):02X}", declared_bytes=nr_bytes,
                 limit_bytes=cap, action="A-ABORT",

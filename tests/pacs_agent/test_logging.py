@@ -101,3 +101,13 @@ def test_values_quoted_by_pydicom_warnings_are_masked(stream: io.StringIO) -> No
     text = stream.getvalue()
     assert "Mary" not in text and "Smith" not in text
     assert "Invalid value" in text
+
+
+def test_library_tracebacks_become_one_line(stream: io.StringIO) -> None:
+    """pynetdicom logs a traceback for each malformed PDU a peer sends: the log keeps its message only."""
+    try:
+        raise ValueError("unpack requires a buffer of 4 bytes")
+    except ValueError as exc:
+        logging.getLogger("pynetdicom.dul").exception(exc)
+    text = stream.getvalue()
+    assert "Traceback" not in text and "unpack requires a buffer of 4 bytes" in text
