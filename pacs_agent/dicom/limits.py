@@ -6,6 +6,8 @@ inflates a deflated dataset without bound, answers a garbage command set or a C-
 context with a traceback. `guard_association` (called for each incoming connection, before its threads
 start) bounds each of these for one association:
 
+- every read and write on the connection waits at most ``node.idle_association_seconds`` (a peer that
+  stops in the middle of a PDU does not hold a thread and an association slot);
 - PDUs are read in pieces into a buffer no larger than the cap for their type: a P-DATA-TF may be as long
   as the maximum PDU size the node announced (``node.maximum_pdu_size``, or `UNANNOUNCED_PDU_CAP` when that
   is 0, "unlimited"), anything else `NEGOTIATION_PDU_CAP`. A longer declared length is answered with an
@@ -68,11 +70,13 @@ class AssociationLimits:
     ``maximum_pdu_size``: what the node announces (0: no limit announced, `UNANNOUNCED_PDU_CAP` applies).
     ``max_instance_bytes``: largest dataset a C-STORE may carry (as received, and inflated).
     ``temp_dir``: where partial datasets are written (the spool's tmp/).
+    ``idle_seconds``: longest a read or write on the connection may wait (node.idle_association_seconds).
     """
 
     maximum_pdu_size: int
     max_instance_bytes: int
     temp_dir: Path
+    idle_seconds: float = 15.0
 
     @property
     def p_data_cap(self) -> int:
@@ -89,10 +93,11 @@ def abort_bytes(source: int = 0x02, reason: int = ABORT_INVALID_PDU_PARAMETER) -
     return struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, source, reason)
 
 
-def _bounded_recv(transport: Any, limits: AssociationLimits, peer: str) -> Callable[[int], bytearray]:
+def _bounded_recv(transport: Any, limits: AssociationLimits, peer: str, reader: Any = None) -> Callable[[int], bytearray]:
     """``AssociationSocket.recv`` for pynetdicom's DUL, which asks for a 6-byte PDU header and then for
     the body's declared length: the body is read in pieces up to the cap of its PDU type; a longer
-    declared length is aborted at once and returned as a short read (pynetdicom closes the connection)."""
+    declared length is aborted at once and returned as a short read (pynetdicom closes the connection).
+    ``reader``: the association's DUL thread, whose pynetdicom log lines about that short read are dropped."""
     state = {"header": True, "pdu_type": 0}
 
     def read_into(view: memoryview, wanted: int) -> int:
@@ -106,6 +111,11 @@ def _bounded_recv(transport: Any, limits: AssociationLimits, peer: str) -> Calla
         return read
 
     def recv(nr_bytes: int) -> bytearray:
+        raw = transport.socket
+        if raw is not None and raw.gettimeout() is None:
+            # A connection handed over by the receiver pool is blocking: a peer that stops in the middle
+            # of a PDU header would hold this thread, and its association slot, forever.
+            raw.settimeout(limits.idle_seconds)
         if state["header"] and nr_bytes == 6:
             buffer = bytearray(6)
             with memoryview(buffer) as view:
@@ -118,7 +128,8 @@ def _bounded_recv(transport: Any, limits: AssociationLimits, peer: str) -> Calla
         state["header"] = True
         cap = pdu_cap(limits, int(state["pdu_type"]))
         if nr_bytes > cap:
-            quiet_library_lines_in_this_thread()  # pynetdicom's lines about the short read would repeat it
+            if reader is not None and threading.current_thread() is reader:
+                quiet_library_lines_in_this_thread()  # pynetdicom's lines about the short read would repeat it
             log.warning(
                 "pdu_too_large", peer=peer, pdu_type=f"0x{int(state['pdu_type']):02X}", declared_bytes=nr_bytes,
                 limit_bytes=cap, action="A-ABORT",
@@ -226,7 +237,7 @@ def guard_association(assoc: Any, limits: AssociationLimits) -> None:
         with contextlib.suppress(OSError):
             host, port = transport.socket.getpeername()[:2]
             peer = f"{host}:{port}"
-        transport.recv = _bounded_recv(transport, limits, peer)
+        transport.recv = _bounded_recv(transport, limits, peer, reader=dul)
     setattr(dul, _THREAD_TEMP_DIR, limits.temp_dir)
     install_spool_temp_files()
     receive = dimse.receive_primitive

@@ -55,12 +55,15 @@ def test_a_deflate_bomb_stops_at_the_limit_and_leaves_nothing(tmp_path: Path) ->
 
 
 def test_garbage_that_claims_to_be_deflated_is_refused(tmp_path: Path) -> None:
-    ds = _deflated_file(tmp_path / "in.dcm", 10)
+    from pynetdicom.dsutils import split_dataset
+
+    _deflated_file(tmp_path / "in.dcm", 10)
+    _meta, offset = split_dataset(tmp_path / "in.dcm")
     raw = (tmp_path / "in.dcm").read_bytes()
-    (tmp_path / "in.dcm").write_bytes(raw[: len(raw) - 40] + b"\xff" * 40)
-    with pytest.raises(InflateError):
+    (tmp_path / "in.dcm").write_bytes(raw[:offset] + b"\xff" * 64)  # a deflate block of the reserved type
+    with pytest.raises(InflateError, match="cannot be inflated"):
         inflate_bounded(tmp_path / "in.dcm", tmp_path, 1024 * 1024)
-    assert ds is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["in.dcm"]
 
 
 def test_caps_per_pdu_type(tmp_path: Path) -> None:

@@ -50,15 +50,18 @@ def test_rebuild_indexes_instances_stored_before_the_index(tmp_path: Path) -> No
 
 
 def test_same_dataset_ignores_the_file_meta_and_sees_one_changed_byte(tmp_path: Path) -> None:
-    from pydicom.dataset import Dataset
-    from pydicom.uid import generate_uid
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.PixelData = "1.2.840.10008.5.1.4.1.1.2", generate_uid(), b"\x00\x01" * 64
-    ds.save_as(tmp_path / "a.dcm", implicit_vr=False, little_endian=True)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.BitsAllocated = "1.2.840.10008.5.1.4.1.1.2", generate_uid(), 16
+    ds.PixelData = b"\x00\x01" * 64
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
     ds.file_meta.ImplementationVersionName = "OTHER_SENDER"
-    ds.save_as(tmp_path / "b.dcm", implicit_vr=False, little_endian=True)
+    ds.save_as(tmp_path / "b.dcm", enforce_file_format=True)
     assert same_dataset(tmp_path / "a.dcm", tmp_path / "b.dcm")
     ds.PixelData = b"\x00\x02" * 64
-    ds.save_as(tmp_path / "c.dcm", implicit_vr=False, little_endian=True)
+    ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
     assert not same_dataset(tmp_path / "a.dcm", tmp_path / "c.dcm")
