@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import struct
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,10 +136,7 @@ def _bounded_recv(transport: Any, limits: AssociationLimits, peer: str, reader: 
                 "pdu_too_large", peer=peer, pdu_type=f"0x{int(state['pdu_type']):02X}", declared_bytes=nr_bytes,
                 limit_bytes=cap, action="A-ABORT",
             )
-            with contextlib.suppress(OSError):
-                transport.socket.sendall(abort_bytes())
-            with contextlib.suppress(OSError):
-                transport.socket.shutdown(2)
+            _abort_and_drain(transport.socket)
             return bytearray()
         buffer = bytearray(nr_bytes)
         with memoryview(buffer) as view:
@@ -147,6 +146,22 @@ def _bounded_recv(transport: Any, limits: AssociationLimits, peer: str, reader: 
         return buffer
 
     return recv
+
+
+def _abort_and_drain(raw: Any) -> None:
+    """Send an A-ABORT, then read and drop what the peer already sent (at most 1 MiB, 0.5 s): closing a
+    socket with unread data resets the connection, and a reset can discard the A-ABORT at the peer."""
+    with contextlib.suppress(OSError):
+        raw.sendall(abort_bytes())
+        raw.shutdown(socket.SHUT_WR)
+        raw.settimeout(0.1)
+        deadline = time.monotonic() + 0.5
+        drained = 0
+        while drained < _READ_PIECE and time.monotonic() < deadline:
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
 
 
 class _CappedDatasetFile:
@@ -250,6 +265,10 @@ def guard_association(assoc: Any, limits: AssociationLimits) -> None:
             dimse.message = None
             dul.event_queue.put("Evt19")  # invalid PDU: the state machine answers A-ABORT
             return
+        if dimse.cancel_req:
+            # A C-CANCEL has no response (PS3.7 9.3.2.3) and the node runs nothing it could cancel.
+            log.warning("dimse_cancel_ignored", peer=peer, message_ids=sorted(dimse.cancel_req)[:10])
+            dimse.cancel_req = {}
         message = dimse.message
         handle = getattr(message, "_data_set_file", None) if message is not None else None
         if handle is None or isinstance(handle, _CappedDatasetFile):

@@ -2,7 +2,7 @@
 
 The node is `pe-agent serve` as a subprocess on loopback (tests.faults.node), two receiver processes, with
 short limits so that each case runs in seconds: 4 associations at most (2 per calling AE title), idle
-associations dropped after 2 s, instances above 4 MiB refused. Its system temporary folder (TMPDIR) is a
+associations dropped after 2 s, PDUs up to 64 KiB, instances above 4 MiB refused. Its system temporary folder (TMPDIR) is a
 folder of its own, so a test can list it before and after: the node must never write there.
 
 At the end of the session the tally (cases tried, refused with a reason, crashes, data lost, peak memory
@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.node import Node, c_echo, free_port, node_config
+from pacs_agent.demo.pacs import free_port
+from tests.faults.node import Node, c_echo, node_config
 
 MAX_ASSOCIATIONS = 4
 MAX_PER_CALLING_AE = 2
 IDLE_SECONDS = 2.0
 MAX_INSTANCE_BYTES = 4 * 1024 * 1024
+MAXIMUM_PDU_SIZE = 65536
 MIN_SLICES = 16
 
 
@@ -72,7 +74,11 @@ class HostileNode:
 
     def receiver_pids(self) -> list[int]:
         """PIDs of the current receiver processes (from their ``receiver_process_ready`` log lines)."""
-        pids = [int(m) for m in re.findall(r'"event": "receiver_process_ready"[^\n]*"pid": (\d+)', self.node.log_text())]
+        pids = [
+            int(match.group(1))
+            for line in self.node.log_text().splitlines()
+            if '"event": "receiver_process_ready"' in line and (match := re.search(r'"pid": (\d+)', line))
+        ]
         return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
     def peak_rss_mb(self) -> dict[int, float]:
@@ -93,30 +99,17 @@ class HostileNode:
 
 
 @pytest.fixture(scope="session")
-def hostile_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised tiny checkpoint (R3D-18 width 4, input 32): fast on CPU, outputs meaningless."""
-    from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
-    from pe_model.preprocessing import PreprocessConfig
-
-    path = tmp_path_factory.mktemp("hostile_model") / "tiny.pt"
-    build_initial_checkpoint(
-        path, encoder_width=4, sequence=small_sequence_config(4, hidden=16), preprocess_config=PreprocessConfig(input_size=32), seed=0,
-    )
-    return path
-
-
-@pytest.fixture(scope="session")
-def hostile(tmp_path_factory: pytest.TempPathFactory, hostile_checkpoint: Path) -> Iterator[HostileNode]:
+def hostile(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[HostileNode]:
     root = tmp_path_factory.mktemp("hostile")
     system_temp = root / "system-tmp"
     system_temp.mkdir()
     workdir = root / "node"
     config = node_config(
-        workdir, port=free_port(), checkpoint=hostile_checkpoint,
+        workdir, port=free_port(), checkpoint=tiny_checkpoint,
         node={
             "max_associations": MAX_ASSOCIATIONS, "max_associations_per_calling_ae": MAX_PER_CALLING_AE,
             "idle_association_seconds": IDLE_SECONDS, "max_instance_bytes": MAX_INSTANCE_BYTES,
-            "receiver_processes": 2,
+            "receiver_processes": 2, "maximum_pdu_size": MAXIMUM_PDU_SIZE,
         },
         series={"quiet_seconds": 1.0, "selection": {"min_slices": MIN_SLICES}},
     )

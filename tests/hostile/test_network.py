@@ -4,6 +4,7 @@ leaves nothing behind, and never stops a legitimate sender from being served."""
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
 import threading
@@ -70,6 +71,8 @@ def _small_dataset(patient_name: str = "HOSTILE^PATIENT") -> Dataset:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.PixelData = b"\x00\x00" * 64 * 64
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
 
@@ -284,13 +287,13 @@ def test_one_calling_ae_cannot_take_every_slot(node: HostileNode) -> None:
 
 def test_an_instance_sent_twice_with_different_pixels_is_surfaced(node: HostileNode, tmp_path: Path) -> None:
     first = _small_dataset()
-    second = pydicom.Dataset(first)
+    second = copy.deepcopy(first)
     second.PixelData = b"\x01\x00" * 64 * 64
     assert send(node.port, [first], calling_ae_title=CALLING).statuses == (0,)
     status = send(node.port, [second], calling_ae_title=CALLING).statuses[0]
     assert status is not None and status != 0, "a conflicting re-send was acknowledged and dropped"
-    events = node.node.events(kind="instance_conflict")
-    assert any(e.detail.get("sop_instance_uid") == str(first.SOPInstanceUID) for e in events)
+    sop = str(first.SOPInstanceUID)
+    wait_until(lambda: [e for e in node.node.events(kind="instance_conflict") if e.entity_id == sop], timeout=10, what="the conflict event")
     # The same bytes again are a harmless duplicate.
     assert send(node.port, [first], calling_ae_title=CALLING).statuses == (0,)
     node.tally.record("conflicting_resend", refused_with_reason=True)
@@ -298,7 +301,7 @@ def test_an_instance_sent_twice_with_different_pixels_is_surfaced(node: HostileN
 
 def test_an_instance_uid_reused_in_another_series_is_never_acknowledged_and_lost(node: HostileNode) -> None:
     first = _small_dataset()
-    moved = pydicom.Dataset(first)
+    moved = copy.deepcopy(first)
     moved.SeriesInstanceUID = generate_uid()
     assert send(node.port, [first], calling_ae_title=CALLING).statuses == (0,)
     status = send(node.port, [moved], calling_ae_title=CALLING).statuses[0]
@@ -307,6 +310,10 @@ def test_an_instance_uid_reused_in_another_series_is_never_acknowledged_and_lost
         lost = False
     else:
         lost = False
-        events = node.node.events(kind="instance_conflict")
-        assert any(e.detail.get("sop_instance_uid") == str(first.SOPInstanceUID) for e in events)
+        sop = str(first.SOPInstanceUID)
+        conflict = wait_until(
+            lambda: [e for e in node.node.events(kind="instance_conflict") if e.entity_id == sop], timeout=10, what="the conflict event"
+        )
+        assert conflict[-1].series_instance_uid == str(first.SeriesInstanceUID)
+        assert str(moved.SeriesInstanceUID) in conflict[-1].detail["reason"]
     node.tally.record("sop_instance_uid_in_another_series", refused_with_reason=status != 0, data_lost=lost)

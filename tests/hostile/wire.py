@@ -14,11 +14,9 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from io import BytesIO
-
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dsutils import encode
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_CLASS_UID = b"1.2.826.0.1.3680043.9.9999.17"
@@ -79,9 +77,10 @@ def abort_pdu(source: int = 0, reason: int = 0) -> bytes:
 
 
 def encode_dataset(ds: Dataset, *, implicit: bool) -> bytes:
-    buffer = BytesIO()
-    write_dataset(buffer, ds, ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)  # type: ignore[arg-type]
-    return buffer.getvalue()
+    """``ds`` encoded as a DIMSE message carries it (no preamble, no file meta)."""
+    encoded = encode(ds, implicit, True)
+    assert encoded is not None, "pydicom cannot encode the dataset"
+    return bytes(encoded)
 
 
 def command(
