@@ -313,7 +313,11 @@ def discard_partial_dataset(assoc: Any) -> Path | None:
 
 
 class InflateError(Exception):
-    """A deflated dataset that cannot be inflated, or inflates beyond the limit."""
+    """A deflated dataset that cannot be inflated, or (``too_large``) inflates beyond the limit."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 def inflate_bounded(source: Path, target_dir: Path, limit: int) -> Path:
@@ -338,7 +342,7 @@ def inflate_bounded(source: Path, target_dir: Path, limit: int) -> Path:
                     data = inflater.decompress(pending, _READ_PIECE)  # at most one piece of output per call
                     written += len(data)
                     if written > limit:
-                        raise InflateError(too_large)
+                        raise InflateError(too_large, too_large=True)
                     out.write(data)
                     if not data and inflater.unconsumed_tail == pending:
                         break
@@ -346,11 +350,11 @@ def inflate_bounded(source: Path, target_dir: Path, limit: int) -> Path:
             tail = inflater.flush()
             written += len(tail)
             if written > limit:
-                raise InflateError(too_large)
+                raise InflateError(too_large, too_large=True)
             out.write(tail)
     except zlib.error as exc:
         out_path.unlink(missing_ok=True)
-        raise InflateError(f"the deflated dataset cannot be inflated: {exc}") from None
+        raise InflateError(f"error: {exc}") from None
     except BaseException:
         out_path.unlink(missing_ok=True)
         raise

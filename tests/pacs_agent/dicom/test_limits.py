@@ -49,8 +49,9 @@ def test_a_deflated_file_inflates_to_an_explicit_little_endian_file(tmp_path: Pa
 def test_a_deflate_bomb_stops_at_the_limit_and_leaves_nothing(tmp_path: Path) -> None:
     _deflated_file(tmp_path / "bomb.dcm", 40 * 1024 * 1024)
     assert (tmp_path / "bomb.dcm").stat().st_size < 100_000
-    with pytest.raises(InflateError, match="inflates to more than"):
+    with pytest.raises(InflateError, match="inflates to more than") as info:
         inflate_bounded(tmp_path / "bomb.dcm", tmp_path, 4 * 1024 * 1024)
+    assert info.value.too_large
     assert [p.name for p in tmp_path.iterdir()] == ["bomb.dcm"]
 
 
@@ -61,7 +62,7 @@ def test_garbage_that_claims_to_be_deflated_is_refused(tmp_path: Path) -> None:
     _meta, offset = split_dataset(tmp_path / "in.dcm")
     raw = (tmp_path / "in.dcm").read_bytes()
     (tmp_path / "in.dcm").write_bytes(raw[:offset] + b"\xff" * 64)  # a deflate block of the reserved type
-    with pytest.raises(InflateError, match="cannot be inflated"):
+    with pytest.raises(InflateError, match="error: Error -3"):
         inflate_bounded(tmp_path / "in.dcm", tmp_path, 1024 * 1024)
     assert [p.name for p in tmp_path.iterdir()] == ["in.dcm"]
 
