@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
@@ -186,16 +187,18 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class _ThreadQuiet(threading.local):
-    library_lines: bool = False
+    library_lines_until: float = 0.0
 
 
 _THREAD_QUIET = _ThreadQuiet()
+#: How long after a refusal pynetdicom's lines in that thread are dropped (its follow-ups come at once).
+QUIET_SECONDS = 2.0
 
 
 def quiet_library_lines_in_this_thread() -> None:
     """The node has refused this thread's peer and logged why in one line: what pynetdicom logs next in
     this thread about the connection it is closing ("PDU shorter than expected", ...) is dropped."""
-    _THREAD_QUIET.library_lines = True
+    _THREAD_QUIET.library_lines_until = time.monotonic() + QUIET_SECONDS
 
 
 class LibraryRecordFilter(logging.Filter):
@@ -210,7 +213,7 @@ class LibraryRecordFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("pynetdicom"):
             return True
-        if _THREAD_QUIET.library_lines:
+        if time.monotonic() < _THREAD_QUIET.library_lines_until:
             return False
         if record.exc_info and not self._keep_tracebacks:
             record.exc_info = None
