@@ -297,9 +297,9 @@ def guard_association(assoc: Any, limits: AssociationLimits) -> None:
 def discard_partial_dataset(assoc: Any) -> Path | None:
     """Remove the temporary file of a dataset still arriving when the association ended (aborted or
     closed mid-dataset); returns its path, or None when there was none."""
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    handle = getattr(message, "_data_set_file", None) if message is not None else None
-    if handle is None:
+    message: Any = getattr(getattr(assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    if message is None or handle is None:
         return None
     path = Path(str(handle.name))
     with contextlib.suppress(OSError):

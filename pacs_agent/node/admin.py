@@ -71,6 +71,7 @@ def result_dict(result: Result | None) -> dict[str, Any] | None:
         "probabilities": result.probabilities,
         "labels": result.labels,
         "key_images": result.key_images,
+        "skipped_images": result.skipped_images,
         "model": {"name": result.model_name, "version": result.model_version, "sha256": result.model_sha256},
         "timings_s": result.timings_s,
         "created_at": result.created_at,
