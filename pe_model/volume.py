@@ -483,12 +483,13 @@ def _refuse_too_few(kept: int, skipped: list[_Skip], min_slices: int, what: str)
             f"series has {kept} usable slices; at least {min_slices} are needed"
             + (f" ({len(skipped)} images skipped)" if skipped else "")
         )
-    reasons = Counter((s.error, s.reason) for s in counted)
-    (error, reason), count = reasons.most_common(1)[0]
+    error, count = Counter(s.error for s in counted).most_common(1)[0]
+    reasons = [s.reason for s in counted if s.error is error]
+    because = f"because {reasons[0]}" if len(set(reasons)) == 1 else f"for reasons such as: {reasons[0]}"
     others = len(counted) - count
     raise error(
-        f"series has {kept} usable {what}; at least {min_slices} are needed: {count} image(s) dropped because {reason}"
-        + (f", {others} for other reasons" if others else "")
+        f"series has {kept} usable {what}; at least {min_slices} are needed: {count} image(s) dropped {because}"
+        + (f"; {others} for other reasons" if others else "")
     )
 
 
