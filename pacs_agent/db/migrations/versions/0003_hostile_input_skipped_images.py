@@ -1,7 +1,7 @@
 """results.skipped_images: the images of a series the analysis left out, each with its reason.
 
-Revision ID: 0002_hostile_skipped_images
-Revises: 0001_initial
+Revision ID: 0003_hostile_skipped_images
+Revises: 0002_alerts_admin_notifications
 Create Date: 2026-12-05 08:30:00
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_hostile_skipped_images"
-down_revision: str | Sequence[str] | None = "0001_initial"
+revision: str = "0003_hostile_skipped_images"
+down_revision: str | Sequence[str] | None = "0002_alerts_admin_notifications"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
