@@ -146,7 +146,8 @@ def test_show_lists_the_images_the_analysis_left_out(cli: CallCLI, factory) -> N
         result = session.scalars(select(Result).where(Result.job_id == job_id)).one()
         result.skipped_images = skipped
     code, out, _ = cli("show", str(job_id), "--json")
-    assert code == 0 and json.loads(out)["job"]["result"]["skipped_images"] == skipped
+    ((job,),) = [s["jobs"] for s in json.loads(out)["series"]]
+    assert code == 0 and job["result"]["skipped_images"] == skipped
     code, out, _ = cli("show", "1.2.8.1")
     assert code == 0 and "Images left out of the analysis" in out and "1.2.8.99" in out and "24x96" in out
 
