@@ -3,7 +3,11 @@
 Every event goes through one pipeline: structlog events and standard-library records (pynetdicom,
 apscheduler, alembic, at WARNING and above) alike. `redact_patient_identifiers` removes keys that name
 patient attributes and masks the values of patient attributes this process has seen
-(`protect_patient_values`). Bind ids with `log_context(job_id=..., series_instance_uid=...)`: every event
+(`protect_patient_values`): the whole value and each part of a person name on its own (a name copied into a
+free-text attribute such as SeriesDescription or ImageComments is written "Jane Doe", not "DOE^JANE").
+Messages of pydicom and of Python warnings quote the offending value ("Invalid value for VR PN:
+'...'"), often before the dataset's patient attributes could be registered: every quoted part of those
+is masked. Bind ids with `log_context(job_id=..., series_instance_uid=...)`: every event
 logged inside carries them.
 """
 
@@ -13,6 +17,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
@@ -49,40 +54,55 @@ class PatientValueRegistry:
     since masking "M" or "1" everywhere would destroy logs without protecting anyone.
     """
 
-    def __init__(self, capacity: int = 10_000, min_length: int = 3) -> None:
+    def __init__(self, capacity: int = 10_000, min_length: int = 3, min_word_length: int = 2) -> None:
         self._values: OrderedDict[str, None] = OrderedDict()
+        self._words: OrderedDict[str, None] = OrderedDict()
         self._capacity = capacity
         self._min_length = min_length
+        self._min_word_length = min_word_length
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
 
-    def add(self, values: Iterable[object]) -> None:
+    def _remember(self, store: OrderedDict[str, None], value: str) -> None:
+        store[value] = None
+        store.move_to_end(value)
+        while len(store) > self._capacity:
+            store.popitem(last=False)
+
+    def add(self, values: Iterable[object], *, person_names: Iterable[object] = ()) -> None:
+        """Mask ``values`` wherever they appear; for ``person_names`` also each name part, as a whole word."""
         with self._lock:
-            for value in values:
+            for value in [*values, *person_names]:
                 text = str(value).strip() if value is not None else ""
                 for variant in {text, text.replace("^", " ").strip()}:
-                    if len(variant) < self._min_length:
-                        continue
-                    self._values[variant] = None
-                    self._values.move_to_end(variant)
-            while len(self._values) > self._capacity:
-                self._values.popitem(last=False)
+                    if len(variant) >= self._min_length:
+                        self._remember(self._values, variant)
+            for value in person_names:
+                for part in _NAME_PARTS.split(str(value) if value is not None else ""):
+                    if len(part) >= self._min_word_length and not part.isdigit():
+                        self._remember(self._words, part)
             self._pattern = None
 
     def clear(self) -> None:
         with self._lock:
             self._values.clear()
+            self._words.clear()
             self._pattern = None
 
     def mask(self, text: str) -> str:
         with self._lock:
-            if not self._values:
+            if not self._values and not self._words:
                 return text
             if self._pattern is None:
-                alternatives = sorted(self._values, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(v) for v in alternatives), re.IGNORECASE)
+                alternatives = [re.escape(v) for v in sorted(self._values, key=len, reverse=True)]
+                alternatives += [rf"\b{re.escape(w)}\b" for w in sorted(self._words, key=len, reverse=True)]
+                self._pattern = re.compile("|".join(alternatives), re.IGNORECASE)
             pattern = self._pattern
         return pattern.sub(MASK, text)
+
+
+#: What separates the parts of a person name as written (PN components, spaces, commas, dots).
+_NAME_PARTS = re.compile(r"[\^=,.\s]+")
 
 
 #: The process-wide registry: the receiver and worker add what they read; the log pipeline masks it.
@@ -92,15 +112,36 @@ PATIENT_VALUES = PatientValueRegistry()
 def protect_patient_values(dataset: Any) -> None:
     """Remember the patient name, ID and birth date of a pydicom dataset so they are masked in logs."""
     values: list[str] = []
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames"):
-        value = getattr(dataset, keyword, None)
+    names: list[str] = []
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
+                    "PatientBirthName", "PatientMotherBirthName"):
+        try:
+            value = getattr(dataset, keyword, None)
+        except Exception:  # noqa: BLE001 - a malformed value: nothing readable to register
+            continue
         if value is None or value == "":
             continue
+        target = names if keyword.endswith(("Name", "Names")) else values
         if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            values.extend(str(v) for v in value)
+            target.extend(str(v) for v in value)
         else:
-            values.append(str(value))
-    PATIENT_VALUES.add(values)
+            target.append(str(value))
+    PATIENT_VALUES.add(values, person_names=names)
+
+
+#: Loggers whose messages quote DICOM values (pydicom's own, and Python warnings routed to logging).
+_QUOTING_LOGGERS = frozenset({"py.warnings", "pydicom"})
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def mask_quoted_values(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: in messages of pydicom and of Python warnings, mask every quoted value."""
+    name = str(event_dict.get("logger", ""))
+    if name in _QUOTING_LOGGERS or name.startswith("pydicom."):
+        event = event_dict.get("event")
+        if isinstance(event, str):
+            event_dict["event"] = _QUOTED.sub(f"'{MASK}'", event)
+    return event_dict
 
 
 def _scrub(value: Any, registry: PatientValueRegistry, depth: int = 0) -> Any:
@@ -136,12 +177,48 @@ def _shared_processors() -> list[Processor]:
         structlog.stdlib.PositionalArgumentsFormatter(),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
+        mask_quoted_values,
         redact_patient_identifiers,
     ]
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installed, so configuring twice replaces it."""
+
+
+class _ThreadQuiet(threading.local):
+    library_lines_until: float = 0.0
+
+
+_THREAD_QUIET = _ThreadQuiet()
+#: How long after a refusal pynetdicom's lines in that thread are dropped (its follow-ups come at once).
+QUIET_SECONDS = 2.0
+
+
+def quiet_library_lines_in_this_thread() -> None:
+    """The node has refused this thread's peer and logged why in one line: what pynetdicom logs next in
+    this thread about the connection it is closing ("PDU shorter than expected", ...) is dropped."""
+    _THREAD_QUIET.library_lines_until = time.monotonic() + QUIET_SECONDS
+
+
+class LibraryRecordFilter(logging.Filter):
+    """One line per library record, never a traceback: pynetdicom logs one for every malformed PDU a peer
+    sends (garbage is the peer's problem, not a crash of the node); the message already names the error.
+    At DEBUG the tracebacks are kept."""
+
+    def __init__(self, keep_tracebacks: bool) -> None:
+        super().__init__()
+        self._keep_tracebacks = keep_tracebacks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("pynetdicom"):
+            return True
+        if time.monotonic() < _THREAD_QUIET.library_lines_until:
+            return False
+        if record.exc_info and not self._keep_tracebacks:
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) -> None:
@@ -170,6 +247,7 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
     )
     handler = _Handler(out)
     handler.setFormatter(formatter)
+    handler.addFilter(LibraryRecordFilter(keep_tracebacks=level <= logging.DEBUG))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(old)

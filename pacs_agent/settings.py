@@ -51,7 +51,20 @@ class NodeSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    #: Longest PDU the node accepts and announces (0: none announced; the node still reads at most 64 MiB
+    #: per P-DATA-TF). A peer that declares a longer PDU is aborted before its body is read.
     maximum_pdu_size: int = 0
+    #: An incoming association that sends nothing for this long is aborted, and a connection that has not
+    #: sent its A-ASSOCIATE-RQ by then is closed: silent peers must not hold association slots.
+    idle_association_seconds: float = 15.0
+    #: At most this many associations at once from one calling AE title (0: only max_associations applies).
+    max_associations_per_calling_ae: int = 8
+    #: Called AE titles the node answers to besides ae_title; any other is rejected (called AE title not
+    #: recognized).
+    ae_title_aliases: tuple[str, ...] = ()
+    #: Largest dataset one C-STORE may carry, as received and once inflated (Deflated transfer syntax);
+    #: a larger one is answered 0xA700 and nothing of it is kept.
+    max_instance_bytes: int = 2 * 1024**3
     tls: TLSSettings = field(default_factory=TLSSettings)
     #: pynetdicom adapter (pacs_agent.dicom.pynetdicom_patches): event-driven reactors and capped polls for
     #: faster ingest. false: stock pynetdicom. They also turn themselves off, with one warning, when the
@@ -416,6 +429,17 @@ def _validate(settings: Settings) -> None:
     for ae in n.allowed_calling_ae_titles:
         if not _AE_RE.match(ae):
             raise ConfigError(f"node.allowed_calling_ae_titles: {ae!r} is not a valid AE title")
+    for ae in n.ae_title_aliases:
+        if not _AE_RE.match(ae) or ae.strip() != ae:
+            raise ConfigError(f"node.ae_title_aliases: {ae!r} is not a valid AE title")
+    if not n.idle_association_seconds > 0:
+        raise ConfigError("node.idle_association_seconds: must be greater than 0")
+    if n.max_associations_per_calling_ae < 0:
+        raise ConfigError("node.max_associations_per_calling_ae: must be 0 (no limit of its own) or more")
+    if n.max_instance_bytes < 1024 * 1024:
+        raise ConfigError("node.max_instance_bytes: must be at least 1048576 (1 MiB)")
+    if n.maximum_pdu_size < 0:
+        raise ConfigError("node.maximum_pdu_size: must be 0 (unlimited) or more")
     for label, port in [("node.port", n.port), ("http.port", settings.http.port)]:
         if not 0 <= port <= 65535:
             raise ConfigError(f"{label}: {port} is not a TCP port")

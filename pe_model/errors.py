@@ -41,3 +41,23 @@ class UnreadablePixelsError(SeriesError):
 
 class CheckpointError(PEModelError):
     """A checkpoint that is missing, corrupted, tampered with or of an unknown format."""
+
+
+class ImplausibleGeometryError(SeriesError):
+    """PixelSpacing, slice spacing, field of view or extent outside what a CT scanner produces."""
+
+
+class IncompleteSeriesError(SeriesError):
+    """Slices are missing: a gap of several slice spacings inside the series."""
+
+
+class ImplausiblePixelValuesError(SeriesError):
+    """RescaleSlope, RescaleIntercept or PixelRepresentation give values no CT holds (not HU)."""
+
+
+class InconsistentSeriesError(SeriesError):
+    """Too many images disagree with the rest of the series (matrix size, spacing, encoding)."""
+
+
+class VolumeTooLargeError(SeriesError):
+    """The series would need more memory than the configured cap: refused before allocating it."""

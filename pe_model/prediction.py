@@ -84,6 +84,10 @@ class Prediction:
     timings_s: dict[str, float]
     #: SOP Instance UIDs of every image the volume was built from (the evidence).
     source_sop_instance_uids: tuple[str, ...] = field(default=())
+    #: Images of the series left out of the volume, each (SOP Instance UID, reason): localizers,
+    #: other sizes or orientations, implausible header or pixel values (``pe_model.volume``). A report
+    #: must say the analysis did not see them.
+    skipped_images: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def series_pe_probability(self) -> float:
@@ -107,6 +111,7 @@ class Prediction:
                 for k in self.key_images
             ],
             "chunk_probabilities": [round(float(p), 6) for p in self.chunk_probabilities],
+            "skipped_images": [{"sop_instance_uid": uid, "reason": reason} for uid, reason in self.skipped_images],
             "model": self.model.to_json_dict(),
             "timings_s": {k: round(float(v), 4) for k, v in self.timings_s.items()},
         }

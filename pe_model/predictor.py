@@ -43,6 +43,7 @@ from pe_model.networks.r3d18 import R3D18, to_network_input
 from pe_model.networks.sequence import SequenceModel, fit_sequence, restore_sequence
 from pe_model.prediction import Heatmap, KeyImage, ModelInfo, Prediction
 from pe_model.preprocessing import PreprocessConfig, PreprocessedSeries, preprocess
+from pe_model.validation import DEFAULT_LIMITS, SeriesLimits, check_resampled_size
 from pe_model.volume import Volume, load_series
 
 log = structlog.get_logger(__name__)
@@ -124,6 +125,7 @@ class Predictor:
         batch_size: int | None = None,
         precision: str = "auto",
         num_threads: int | None = None,
+        limits: SeriesLimits = DEFAULT_LIMITS,
     ) -> None:
         if gradcam_top_k < 0:
             raise ValueError("gradcam_top_k must be zero or more")
@@ -133,6 +135,8 @@ class Predictor:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = resolve_device(device)
         self.gradcam_top_k = gradcam_top_k
+        #: What a series may look like and cost before it is refused (pe_model.validation).
+        self.limits = limits
         # On CPU a batch of 2 is as fast per chunk as 8 and needs far less memory.
         self.batch_size = batch_size or (8 if self.device.type == "cuda" else 2)
         if num_threads is not None:
@@ -166,6 +170,7 @@ class Predictor:
         batch_size: int | None = None,
         precision: str = "auto",
         num_threads: int | None = None,
+        limits: SeriesLimits = DEFAULT_LIMITS,
     ) -> Predictor:
         """Load and verify a checkpoint (a path or ``builtin:demo``) and build both stages.
 
@@ -181,6 +186,7 @@ class Predictor:
             batch_size=batch_size,
             precision=precision,
             num_threads=num_threads,
+            limits=limits,
         )
         del checkpoint  # the file's bytes and the unfolded weights: the predictor keeps neither
         return_freed_memory()
@@ -241,7 +247,7 @@ class Predictor:
         """A Volume as is; anything else through ``pe_model.volume.load_series``."""
         if isinstance(series, Volume):
             return series
-        return load_series(series)  # type: ignore[arg-type]
+        return load_series(series, limits=self.limits)  # type: ignore[arg-type]
 
     def predict(self, series: SeriesInput) -> Prediction:
         """Analyse one series (a folder, a list of paths, a list of datasets, or a Volume).
@@ -255,6 +261,11 @@ class Predictor:
         volume = self.load(series)
         timings["load"] = time.perf_counter() - mark
 
+        _, rows, columns = volume.shape
+        check_resampled_size(
+            float(volume.positions_mm[-1] - volume.positions_mm[0]), rows, columns, volume.pixel_spacing_mm,
+            self.preprocess_config.spacing_mm, self.limits,
+        )
         mark = time.perf_counter()
         prepared = preprocess(volume, self.preprocess_config)
         timings["preprocess"] = time.perf_counter() - mark
@@ -299,11 +310,13 @@ class Predictor:
             model=self.model_info,
             timings_s=timings,
             source_sop_instance_uids=_unique(volume.sop_instance_uids),
+            skipped_images=tuple(volume.skipped),
         )
         log.info(
             "pe_model.predicted",
             series_instance_uid=volume.series_instance_uid,
             chunks=prepared.num_chunks,
+            skipped_images=len(volume.skipped),
             pe_present=prediction.pe_present,
             consistency=consistent.chosen,
             model_sha256=self.model_info.sha256[:12],

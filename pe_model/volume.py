@@ -5,12 +5,17 @@ InstanceNumber, never by z alone), so descending, shuffled, gapped and tilted ac
 land at their real positions. Classic single-frame CT and Enhanced CT (functional groups) are
 read; pixel data of every transfer syntax a PACS sends is decoded by pydicom with its pylibjpeg
 and gdcm plugins. Images that cannot be part of the volume (localizers, other orientations,
-other sizes, duplicate positions) are dropped and listed in ``Volume.skipped`` with the reason.
+other sizes, duplicate positions, implausible header values or pixel values) are dropped and listed
+in ``Volume.skipped`` with the reason; a series that is not plausible CT as a whole (a gap of missing
+slices, a PixelSpacing of metres, values that are not HU, too many disagreeing images, more voxels than
+the memory cap) is refused with the reason (``pe_model.validation``) before its pixels are decoded
+where the header suffices.
 """
 
 from __future__ import annotations
 
 import copy
+import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,18 +27,41 @@ import pydicom
 import pydicom.pixels
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from pe_model.errors import (
+    ImplausibleGeometryError,
+    ImplausiblePixelValuesError,
     InconsistentOrientationError,
+    InconsistentSeriesError,
     MissingGeometryError,
     MixedSeriesError,
     NoImagesError,
     NotCTError,
+    SeriesError,
     TooFewSlicesError,
     UnreadablePixelsError,
+)
+from pe_model.validation import (
+    DEFAULT_LIMITS,
+    SeriesLimits,
+    check_dropped,
+    check_size,
+    check_stack,
+    pixel_spacing_problem,
+    rescale_problem,
+    slice_values_problem,
 )
 
 log = structlog.get_logger(__name__)
@@ -125,10 +153,32 @@ class _Image:
     position: np.ndarray | None
     pixel_spacing: tuple[float, float] | None
     slice_thickness: float | None
-    slope: float
-    intercept: float
+    #: As in the header: None when absent (1 and 0 apply), NaN when present but not a number.
+    rescale_slope: float | None
+    rescale_intercept: float | None
     is_localizer: bool
     order_key: tuple[int, int, int]
+    #: (BitsAllocated, PixelRepresentation): how stored values are read.
+    encoding: tuple[int, int] = (16, 0)
+
+    @property
+    def slope(self) -> float:
+        return 1.0 if self.rescale_slope is None else self.rescale_slope
+
+    @property
+    def intercept(self) -> float:
+        return 0.0 if self.rescale_intercept is None else self.rescale_intercept
+
+
+@dataclass(frozen=True)
+class _Skip:
+    """An image left out of the volume: why, and whether it counts as disagreeing with the series
+    (localizers and images received twice do not)."""
+
+    sop_instance_uid: str
+    reason: str
+    counts: bool = True
+    error: type[SeriesError] = InconsistentSeriesError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +300,23 @@ def _float_or_none(value: Any) -> float | None:
     return f if np.isfinite(f) else None
 
 
+def _rescale_value(container: Dataset | None, keyword: str) -> float | None:
+    """A RescaleSlope/RescaleIntercept as written: None when absent or empty, NaN when not a number."""
+    if container is None:
+        return None
+    value = container.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _encoding(ds: Dataset) -> tuple[int, int]:
+    return _int_or(ds.get("BitsAllocated"), 16), _int_or(ds.get("PixelRepresentation"), 0)
+
+
 def _item(ds: Dataset, frame_group: Dataset | None, sequence: str) -> Dataset | None:
     """First item of a functional-group macro: per-frame group first, then the shared group."""
     for group in (frame_group, _first(ds.get("SharedFunctionalGroupsSequence"))):
@@ -299,10 +366,11 @@ def _images_of(ds: Dataset, source_index: int) -> list[_Image]:
                 position=_floats(ds.get("ImagePositionPatient"), 3),
                 pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
                 slice_thickness=_float_or_none(ds.get("SliceThickness")),
-                slope=_float_or_none(ds.get("RescaleSlope")) or 1.0,
-                intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
+                rescale_slope=_rescale_value(ds, "RescaleSlope"),
+                rescale_intercept=_rescale_value(ds, "RescaleIntercept"),
                 is_localizer=is_localizer(ds.get("ImageType")),
                 order_key=order_key,
+                encoding=_encoding(ds),
             )
         ]
     whole_localizer = is_localizer(ds.get("ImageType"))
@@ -331,12 +399,12 @@ def _images_of(ds: Dataset, source_index: int) -> list[_Image]:
                 else None,
                 pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
                 slice_thickness=_float_or_none(measures.get("SliceThickness")) if measures is not None else None,
-                slope=(_float_or_none(transform.get("RescaleSlope")) if transform is not None else None) or 1.0,
-                intercept=(_float_or_none(transform.get("RescaleIntercept")) if transform is not None else None)
-                or 0.0,
+                rescale_slope=_rescale_value(transform, "RescaleSlope"),
+                rescale_intercept=_rescale_value(transform, "RescaleIntercept"),
                 is_localizer=whole_localizer
                 or (frame_type is not None and is_localizer(frame_type.get("FrameType"))),
                 order_key=(order_key[0], order_key[1], i + 1),
+                encoding=_encoding(ds),
             )
         )
     return images
@@ -350,7 +418,7 @@ def _same_orientation(a: np.ndarray, b: np.ndarray, cos_tol: float) -> bool:
     return float(np.dot(a[:3], b[:3])) >= cos_tol and float(np.dot(a[3:], b[3:])) >= cos_tol
 
 
-def _dominant_orientation(images: list[_Image], skipped: list[tuple[str, str]], min_slices: int) -> list[_Image]:
+def _dominant_orientation(images: list[_Image], skipped: list[_Skip], min_slices: int) -> list[_Image]:
     cos_tol = float(np.cos(np.deg2rad(ORIENTATION_TOLERANCE_DEG)))
     groups: list[list[_Image]] = []
     for image in images:
@@ -377,11 +445,15 @@ def _dominant_orientation(images: list[_Image], skipped: list[tuple[str, str]], 
             )
     for group in groups[1:]:
         for image in group:
-            skipped.append((image.sop_instance_uid, "orientation differs from the series' main orientation"))
+            # Another plane (a reformat, an untagged scout) is another image, not a missing slice.
+            skipped.append(
+                _Skip(image.sop_instance_uid, "orientation differs from the series' main orientation",
+                      counts=False, error=InconsistentOrientationError)
+            )
     return best
 
 
-def _dominant_by(images: list[_Image], key: Any, skipped: list[tuple[str, str]], reason: str) -> list[_Image]:
+def _dominant_by(images: list[_Image], key: Any, skipped: list[_Skip], reason: str) -> list[_Image]:
     counts = Counter(key(im) for im in images)
     best_key, _ = counts.most_common(1)[0]
     kept = []
@@ -389,7 +461,7 @@ def _dominant_by(images: list[_Image], key: Any, skipped: list[tuple[str, str]],
         if key(image) == best_key:
             kept.append(image)
         else:
-            skipped.append((image.sop_instance_uid, reason.format(key(image), best_key)))
+            skipped.append(_Skip(image.sop_instance_uid, reason.format(key(image), best_key)))
     return kept
 
 
@@ -401,15 +473,46 @@ def _spacing_key(image: _Image) -> tuple[float, float]:
     )
 
 
-def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.ndarray, list[tuple[str, str]]]:
-    """Images that form the volume, ascending along the normal, their positions, and the dropped ones."""
-    skipped: list[tuple[str, str]] = []
+def _refuse_too_few(kept: int, skipped: list[_Skip], min_slices: int, what: str) -> None:
+    """Raise when fewer than ``min_slices`` images are left, naming the commonest reason they were dropped
+    (with the error class of that reason: a series whose every RescaleSlope is 0 is ImplausiblePixelValues)."""
+    if kept >= min_slices:
+        return
+    counted = [s for s in skipped if s.counts]
+    if not counted:
+        raise TooFewSlicesError(
+            f"series has {kept} usable slices; at least {min_slices} are needed"
+            + (f" ({len(skipped)} images skipped)" if skipped else "")
+        )
+    error, count = Counter(s.error for s in counted).most_common(1)[0]
+    reasons = [s.reason for s in counted if s.error is error]
+    because = f"because {reasons[0]}" if len(set(reasons)) == 1 else f"for reasons such as: {reasons[0]}"
+    others = len(counted) - count
+    raise error(
+        f"series has {kept} usable {what}; at least {min_slices} are needed: {count} image(s) dropped {because}"
+        + (f"; {others} for other reasons" if others else "")
+    )
+
+
+def _summary(skipped: list[_Skip]) -> str:
+    reasons = Counter(s.reason for s in skipped if s.counts)
+    return "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
+
+
+def _select(
+    images: list[_Image], min_slices: int, limits: SeriesLimits = DEFAULT_LIMITS
+) -> tuple[list[_Image], np.ndarray, list[_Skip]]:
+    """Images that form the volume, ascending along the normal, their positions, and the dropped ones.
+
+    Raises a SeriesError when what is left is not one plausible, complete CT series (pe_model.validation).
+    """
+    skipped: list[_Skip] = []
     usable: list[_Image] = []
     n_localizers = 0
     for image in images:
         if image.is_localizer:
             n_localizers += 1
-            skipped.append((image.sop_instance_uid, "localizer (scout) image"))
+            skipped.append(_Skip(image.sop_instance_uid, "localizer (scout) image", counts=False))
         else:
             usable.append(image)
     if not usable:
@@ -419,11 +522,11 @@ def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.nda
     with_geometry = []
     for image in usable:
         if image.orientation is None:
-            skipped.append((image.sop_instance_uid, "ImageOrientationPatient missing or invalid"))
+            skipped.append(_Skip(image.sop_instance_uid, "ImageOrientationPatient missing or invalid", error=MissingGeometryError))
         elif image.position is None:
-            skipped.append((image.sop_instance_uid, "ImagePositionPatient missing or invalid"))
+            skipped.append(_Skip(image.sop_instance_uid, "ImagePositionPatient missing or invalid", error=MissingGeometryError))
         elif image.rows <= 0 or image.columns <= 0:
-            skipped.append((image.sop_instance_uid, "Rows or Columns missing"))
+            skipped.append(_Skip(image.sop_instance_uid, "Rows or Columns missing", error=MissingGeometryError))
         else:
             with_geometry.append(image)
     if not with_geometry:
@@ -434,14 +537,34 @@ def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.nda
     kept = _dominant_by(
         kept, lambda im: (im.rows, im.columns), skipped, "image size {0[0]}x{0[1]} differs from the series' {1[0]}x{1[1]}"
     )
+    kept = _dominant_by(
+        kept,
+        lambda im: im.encoding,
+        skipped,
+        "pixel encoding (BitsAllocated, PixelRepresentation) {0} differs from the series' {1}",
+    )
     missing_spacing = [im for im in kept if im.pixel_spacing is None]
     if len(missing_spacing) == len(kept):
         raise MissingGeometryError("PixelSpacing is missing or invalid in every image of the series")
     for image in missing_spacing:
-        skipped.append((image.sop_instance_uid, "PixelSpacing missing or invalid"))
-    kept = [im for im in kept if im.pixel_spacing is not None]
+        skipped.append(_Skip(image.sop_instance_uid, "PixelSpacing missing or invalid", error=MissingGeometryError))
+    plausible: list[_Image] = []
+    for image in kept:
+        if image.pixel_spacing is None:
+            continue
+        problem = pixel_spacing_problem(image.pixel_spacing, image.rows, image.columns, limits)
+        if problem is None:
+            problem = rescale_problem(image.rescale_slope, image.rescale_intercept, limits)
+            error: type[SeriesError] = ImplausiblePixelValuesError
+        else:
+            error = ImplausibleGeometryError
+        if problem is None:
+            plausible.append(image)
+        else:
+            skipped.append(_Skip(image.sop_instance_uid, problem, error=error))
+    _refuse_too_few(len(plausible), skipped, min_slices, "images")
     kept = _dominant_by(
-        kept, _spacing_key, skipped, "pixel spacing {0[0]:.3f}x{0[1]:.3f} mm differs from the series' {1[0]:.3f}x{1[1]:.3f} mm"
+        plausible, _spacing_key, skipped, "pixel spacing {0[0]:.3f}x{0[1]:.3f} mm differs from the series' {1[0]:.3f}x{1[1]:.3f} mm"
     )
 
     orientation = kept[0].orientation
@@ -462,17 +585,16 @@ def _select(images: list[_Image], min_slices: int) -> tuple[list[_Image], np.nda
                 reason = "same image received twice"
             else:
                 reason = f"duplicate position {pos:.2f} mm; kept the later image {winner.sop_instance_uid}"
-            skipped.append((loser.sop_instance_uid, reason))
+            skipped.append(_Skip(loser.sop_instance_uid, reason, counts=False))
             ordered[-1] = winner
         else:
             ordered.append(image)
             ordered_positions.append(pos)
-    if len(ordered) < min_slices:
-        raise TooFewSlicesError(
-            f"series has {len(ordered)} usable slices; at least {min_slices} are needed"
-            + (f" ({len(skipped)} images skipped)" if skipped else "")
-        )
-    return ordered, np.asarray(ordered_positions, dtype=np.float64), skipped
+    _refuse_too_few(len(ordered), skipped, min_slices, "slices")
+    stack = np.asarray(ordered_positions, dtype=np.float64)
+    check_stack(stack, limits)
+    check_dropped(len(images), sum(1 for s in skipped if s.counts), limits, detail=_summary(skipped))
+    return ordered, stack, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,13 +610,16 @@ def _decode_into(
     ordered: list[_Image],
     sources: list[Path | Dataset],
     headers: dict[int, Dataset],
-) -> np.ndarray:
-    """Decode each chosen frame straight into its slice of ``voxels`` (D, H, W), in HU; returns the array.
+    limits: SeriesLimits = DEFAULT_LIMITS,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode each chosen frame straight into its slice of ``voxels`` (D, H, W), in HU; returns the array
+    and, by slice index, why a slice's values are not HU (``pe_model.validation.slice_values_problem``).
 
     ``voxels`` int16 (every image has an integral slope and intercept): each slice's HU are computed
     exactly in int32 and stored; a slice whose HU do not fit int16 turns the whole array into float32
     (exactly: int16 values are float32 values) and decoding goes on in float32.
     """
+    problems: dict[int, str] = {}
     by_source: dict[int, list[tuple[int, _Image]]] = {}
     for k, image in enumerate(ordered):
         by_source.setdefault(image.source_index, []).append((k, image))
@@ -504,6 +629,7 @@ def _decode_into(
         try:
             src = _pixel_source(sources[source_index], headers.get(source_index))
             _check_native_length(src, headers.get(source_index), uid)
+            src = _check_codestreams(src, headers.get(source_index), rows, columns, uid)
             if targets[0][1].frame_number is None:
                 frames: Iterator[np.ndarray] = iter([pydicom.pixels.pixel_array(src)])
             else:
@@ -522,6 +648,10 @@ def _decode_into(
                         hu *= int(image.slope)
                     if image.intercept != 0.0:
                         hu += int(image.intercept)
+                    problem = slice_values_problem(hu, limits)
+                    if problem is not None:
+                        problems[k] = problem
+                        continue
                     if hu.size and (int(hu.min()) < -(2**15) or int(hu.max()) >= 2**15):
                         voxels = voxels.astype(np.float32)
                     voxels[k] = hu
@@ -532,11 +662,14 @@ def _decode_into(
                     out *= np.float32(image.slope)
                 if image.intercept != 0.0:
                     out += np.float32(image.intercept)
+                problem = slice_values_problem(out, limits)
+                if problem is not None:
+                    problems[k] = problem
         except UnreadablePixelsError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
             raise UnreadablePixelsError(f"cannot decode the pixel data of image {uid}: {exc}") from exc
-    return voxels
+    return voxels, problems
 
 
 def _check_native_length(src: Path | Dataset, header: Dataset | None, uid: str) -> None:
@@ -562,6 +695,49 @@ def _check_native_length(src: Path | Dataset, header: Dataset | None, uid: str) 
             f"image {uid}: pixel data holds {length} bytes, but {rows}x{columns}, {frames} frame(s) "
             f"at {bits} bits allocated need {expected}"
         )
+
+
+def _codestream_size(frame: bytes, syntax: UID) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 codestream declares, None if it cannot be told."""
+    if syntax in JPEG2000TransferSyntaxes:
+        offset = 0
+        if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file: the codestream is in its jp2c box
+            found = frame.find(b"jp2c")
+            if found < 0:
+                return None
+            offset = found + 4
+        if frame[offset : offset + 4] != b"\xff\x4f\xff\x51" or len(frame) < offset + 24:
+            return None
+        x_size, y_size, x_origin, y_origin = struct.unpack(">LLLL", frame[offset + 8 : offset + 24])
+        return y_size - y_origin, x_size - x_origin
+    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        info = _get_jpg_parameters(frame)
+        if "rows" in info and "columns" in info:
+            return int(info["rows"]), int(info["columns"])
+    return None
+
+
+def _check_codestreams(src: Path | Dataset, header: Dataset | None, rows: int, columns: int, uid: str) -> Path | Dataset:
+    """Refuse compressed frames whose codestream declares a larger image than Rows x Columns before a decoder
+    allocates what the codestream asks for (a few bytes can declare a 4-gigapixel image). Returns what to
+    decode from: the dataset read here (its compressed bytes: no second read of the file)."""
+    info = header if header is not None else (src if isinstance(src, Dataset) else None)
+    meta = getattr(info, "file_meta", None) if info is not None else None
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or not UID(syntax).is_encapsulated:
+        return src
+    syntax = UID(syntax)
+    if not (syntax in JPEG2000TransferSyntaxes or syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes):
+        return src
+    ds = src if isinstance(src, Dataset) else pydicom.dcmread(src)
+    frames = _int_or(ds.get("NumberOfFrames"), 1)
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        size = _codestream_size(frame, syntax)
+        if size is not None and (size[0] > rows or size[1] > columns):
+            raise UnreadablePixelsError(
+                f"image {uid}: frame {index + 1} declares {size[0]}x{size[1]} pixels, but Rows x Columns is {rows}x{columns}"
+            )
+    return ds
 
 
 def _pixel_source(src: Path | Dataset, header: Dataset | None) -> Path | Dataset:
@@ -599,12 +775,14 @@ def _pixel_source(src: Path | Dataset, header: Dataset | None) -> Path | Dataset
 # ---------------------------------------------------------------------------------------------
 
 
-def load_series(source: Source, *, min_slices: int = 10) -> Volume:
+def load_series(source: Source, *, min_slices: int = 10, limits: SeriesLimits = DEFAULT_LIMITS) -> Volume:
     """Build the HU volume of one CT series from a folder, a list of paths, or datasets.
 
-    Raises a SeriesError subclass (NoImagesError, MixedSeriesError, NotCTError,
-    TooFewSlicesError, InconsistentOrientationError, MissingGeometryError, UnreadablePixelsError)
-    when the series cannot be analysed.
+    Raises a SeriesError subclass (NoImagesError, MixedSeriesError, NotCTError, TooFewSlicesError,
+    InconsistentOrientationError, MissingGeometryError, UnreadablePixelsError, and from
+    ``pe_model.validation``: ImplausibleGeometryError, IncompleteSeriesError, ImplausiblePixelValuesError,
+    InconsistentSeriesError, VolumeTooLargeError) when the series cannot be analysed. Images left out
+    are listed in ``Volume.skipped``.
     """
     sources = _sources(source)
     headers: dict[int, Dataset] = {}
@@ -627,17 +805,24 @@ def load_series(source: Source, *, min_slices: int = 10) -> Volume:
         raise NotCTError(f"series modality is {', '.join(modalities)}, not CT")
 
     images = [im for i, ds in image_headers for im in _images_of(ds, i)]
-    ordered, positions, skipped = _select(images, min_slices)
+    ordered, positions, skipped = _select(images, min_slices, limits)
 
     first = ordered[0]
     assert first.orientation is not None and first.pixel_spacing is not None
     # HU as int16 when they are integers (integral RescaleSlope and RescaleIntercept: nearly every CT):
     # half the memory of float32 for the largest array of an analysis, and the same values.
     exact = all(_integral(im.slope) and _integral(im.intercept) for im in ordered)
-    voxels = np.empty((len(ordered), first.rows, first.columns), dtype=np.int16 if exact else np.float32)
-    voxels = _decode_into(voxels, ordered, sources, headers)
-    for uid, reason in skipped:
-        log.info("volume.image_skipped", sop_instance_uid=uid, reason=reason)
+    dtype = np.int16 if exact else np.float32
+    check_size(len(ordered), first.rows, first.columns, np.dtype(dtype).itemsize, limits)
+    voxels = np.empty((len(ordered), first.rows, first.columns), dtype=dtype)
+    voxels, problems = _decode_into(voxels, ordered, sources, headers, limits)
+    if problems:
+        ordered, positions, voxels = _drop_slices(ordered, positions, voxels, problems, skipped)
+        _refuse_too_few(len(ordered), skipped, min_slices, "slices")
+        check_stack(positions, limits)
+        check_dropped(len(images), sum(1 for s in skipped if s.counts), limits, detail=_summary(skipped))
+    for skip in skipped:
+        log.info("volume.image_skipped", sop_instance_uid=skip.sop_instance_uid, reason=skip.reason)
     volume = Volume(
         voxels=voxels,
         positions_mm=positions,
@@ -649,7 +834,7 @@ def load_series(source: Source, *, min_slices: int = 10) -> Volume:
         study_instance_uid=study_uids[0],
         series_instance_uid=series_uids[0],
         slice_thickness_mm=first.slice_thickness,
-        skipped=tuple(skipped),
+        skipped=tuple((skip.sop_instance_uid, skip.reason) for skip in skipped),
     )
     log.info(
         "volume.loaded",
@@ -658,3 +843,16 @@ def load_series(source: Source, *, min_slices: int = 10) -> Volume:
         skipped=len(skipped),
     )
     return volume
+
+
+def _drop_slices(
+    ordered: list[_Image], positions: np.ndarray, voxels: np.ndarray, problems: dict[int, str], skipped: list[_Skip]
+) -> tuple[list[_Image], np.ndarray, np.ndarray]:
+    """Leave out the slices whose values are not HU: moved down in place (no second copy of the volume)."""
+    keep = [k for k in range(len(ordered)) if k not in problems]
+    for k, reason in sorted(problems.items()):
+        skipped.append(_Skip(ordered[k].sop_instance_uid, reason, error=ImplausiblePixelValuesError))
+    for target, k in enumerate(keep):
+        if target != k:
+            voxels[target] = voxels[k]
+    return [ordered[k] for k in keep], positions[keep], voxels[: len(keep)]

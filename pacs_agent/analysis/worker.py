@@ -137,6 +137,7 @@ class WorkerContext:
                     labels={k: bool(v) for k, v in prediction.labels.items()},
                     chunk_probabilities=[float(p) for p in prediction.chunk_probabilities],
                     key_images=prediction.to_json_dict()["key_images"],
+                    skipped_images=[{"sop_instance_uid": uid, "reason": reason} for uid, reason in prediction.skipped_images],
                     flag=flag,
                     timings_s={**{k: float(v) for k, v in prediction.timings_s.items()}, "job": round(seconds, 4)},
                     model_name=prediction.model.name,

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -201,6 +202,8 @@ class Result(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     chunk_probabilities: Mapped[list[Any]] = mapped_column(default=list)
     key_images: Mapped[list[Any]] = mapped_column(default=list)
+    #: Images of the series the analysis left out: [{"sop_instance_uid", "reason"}] (pe_model.volume).
+    skipped_images: Mapped[list[Any]] = mapped_column(default=list, server_default=text("'[]'"))
     flag: Mapped[Flag] = mapped_column(_enum(Flag))
     timings_s: Mapped[dict[str, Any]] = mapped_column(default=dict)
     model_name: Mapped[str] = mapped_column(String(128), default="")

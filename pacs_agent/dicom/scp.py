@@ -10,9 +10,18 @@ so the database sees at most ~10 transactions per second whatever the instance r
 until everything received so far is committed. If the process dies between rename and commit, the
 start-up reconciliation finds the spool files that have no Instance row and records them.
 
-Statuses: 0x0000 stored, duplicate (not stored twice) or another storage SOP class (recorded as ignored);
-0xA700 below the disk floor or the spool cannot be written; 0xA900 invalid or missing UIDs; 0xC210 a
-dataset that cannot be read. Handlers never raise.
+Statuses: 0x0000 stored, duplicate (the same dataset again: not stored twice) or another storage SOP class
+(recorded as ignored); 0xA700 below the disk floor, the spool cannot be written, or the dataset is larger
+than node.max_instance_bytes (as received or inflated); 0xA900 invalid or missing UIDs, or a SOP Instance
+UID already stored with other content or in another series (event ``instance_conflict``: never acknowledged
+and then lost); 0xC210 a dataset that cannot be read. Handlers never raise.
+
+Hostile peers (pacs_agent.dicom.limits): each association's PDUs are read with a cap, its partial dataset
+lives in the spool's tmp/ and is removed when it ends mid-dataset, requests other than C-STORE and C-ECHO
+get a failure status; an association silent for node.idle_association_seconds is aborted; an
+A-ASSOCIATE-RQ to another called AE title than node.ae_title (or node.ae_title_aliases) is rejected
+(rejected-permanent, service user, called AE title not recognized), and node.max_associations_per_calling_ae
+keeps one sender from taking every association slot.
 
 Note: ``STORE_RECV_CHUNKED_DATASET`` is a pynetdicom module setting: while a receiver runs it applies to
 every SCP in the process (it is restored when the last receiver stops). Other SCPs in the same process
@@ -30,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -40,6 +48,8 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import pydicom
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event as DicomEvent
@@ -50,10 +60,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_agent.dicom.admission import Admission, SharedCounts
 from pacs_agent.dicom.handoff import start_handed_over_server
 from pacs_agent.dicom.pynetdicom_patches import PynetdicomPatches
+from pacs_agent.dicom.limits import (
+    AssociationLimits,
+    InflateError,
+    discard_partial_dataset,
+    guard_association,
+    inflate_bounded,
+    install_spool_temp_files,
+    missing_guard_names,
+    oversized,
+)
 from pacs_agent.dicom.tls import server_ssl_context
 from pacs_agent.errors import InvalidUIDError, ReceiverError, StorageError
 from pacs_agent.ingest.reconcile import reconcile_spool
 from pacs_agent.ingest import records
+from pacs_agent.ingest.sop_index import ClaimResult, SopIndex, same_dataset
 from pacs_agent.ingest.spool import Spool, validate_uid
 from pacs_agent.ingest.writer import RecordWriter
 from pacs_agent.logs import PATIENT_VALUES, get_logger, protect_patient_values
@@ -202,10 +223,19 @@ class Receiver:
         # node.max_associations is enforced by `_on_requested` (exact, see there); pynetdicom's own
         # count, which also counts associations still winding down after a rejection, only backs it up.
         self._ae.maximum_associations = _PYNETDICOM_ASSOCIATION_BACKSTOP + node.max_associations
-        self._ae.acse_timeout = node.acse_timeout
+        # A silent peer is dropped after node.idle_association_seconds: before its A-ASSOCIATE-RQ (ARTIM,
+        # acse_timeout) and between PDUs (pynetdicom's network idle timer), with an A-ABORT (no release
+        # handshake with a peer that does not answer).
+        self._ae.acse_timeout = min(node.acse_timeout, node.idle_association_seconds)
         self._ae.dimse_timeout = node.dimse_timeout
-        self._ae.network_timeout = node.network_timeout
+        self._ae.network_timeout = min(node.network_timeout, node.idle_association_seconds)
         self._ae.maximum_pdu_size = node.maximum_pdu_size
+        self._called_ae_titles = frozenset({node.ae_title, *node.ae_title_aliases})
+        self._limits = AssociationLimits(
+            node.maximum_pdu_size, node.max_instance_bytes, self._spool.tmp_dir, node.idle_association_seconds
+        )
+        self._sop_index = SopIndex(self._spool)
+        self._rejections: dict[int, str] = {}
         if node.allowed_calling_ae_titles:
             self._ae.require_calling_aet = list(node.allowed_calling_ae_titles)
         self._ae.add_supported_context(Verification)
@@ -215,8 +245,10 @@ class Receiver:
         self._writer: RecordWriter | None = None
         self._lock = threading.Lock()
         self._associations: dict[int, _AssociationState] = {}
-        self._admission = Admission(node.max_associations, shared_counts, process_index)
-        self._in_flight: set[Path] = set()
+        self._admission = Admission(
+            node.max_associations, shared_counts, process_index, per_calling_ae=node.max_associations_per_calling_ae,
+            processes=node.receiver_processes if shared_counts is not None else 1,
+        )
         self._protected: dict[str, None] = {}
         self._counters = {"stored": 0, "duplicates": 0, "ignored": 0, "rejected": 0, "associations": 0}
         self._sequence = itertools.count(1)
@@ -264,12 +296,15 @@ class Receiver:
         ssl_context = server_ssl_context(node.tls) if node.tls.enabled else None
         cleared = self._spool.clear_tmp() if handoff is None else 0
         recovered = self.reconcile() if handoff is None else 0
-        temp_dir = Path(tempfile.gettempdir())
-        if not self._spool.same_file_system(temp_dir):
-            log.warning(
-                "receiver_temp_on_other_file_system", temp_dir=str(temp_dir),
-                advice="each instance is copied once; set TMPDIR to a folder on the spool's file system",
+        indexed = self._sop_index.rebuild() if handoff is None else 0
+        missing = missing_guard_names()
+        if missing:
+            raise ReceiverError(
+                f"pynetdicom {pynetdicom_version} lacks what pacs_agent/dicom/limits.py bounds each association "
+                f"with ({', '.join(missing)}); install the pynetdicom version pyproject.toml names"
             )
+        # Datasets arrive into the spool's tmp/ (pacs_agent.dicom.limits), never the system temp folder.
+        install_spool_temp_files()
         self._writer = RecordWriter(self._factory, self._spool)
         self._writer.start()
         handlers: list[Any] = [
@@ -306,7 +341,7 @@ class Receiver:
         if handoff is None:
             log.info(
                 "receiver_started", ae_title=node.ae_title, host=node.host, port=self.port, tls=node.tls.enabled,
-                max_associations=node.max_associations, reconciled=recovered, tmp_cleared=cleared,
+                max_associations=node.max_associations, reconciled=recovered, tmp_cleared=cleared, sop_indexed=indexed,
             )
 
     def stop(self) -> None:
@@ -358,6 +393,11 @@ class Receiver:
 
     def _on_connection_opened(self, event: DicomEvent) -> None:
         self._patches.prepare_association(event.assoc)  # never raises; off: pynetdicom polls as usual
+        try:
+            guard_association(event.assoc, self._limits)
+        except Exception:  # noqa: BLE001 - an unbounded association is not served
+            log.exception("receiver_guard_setup_failed")
+            event.assoc.abort()
 
     def _on_requested(self, event: DicomEvent) -> None:
         """Admit at most node.max_associations associations at once, exactly.
@@ -371,13 +411,27 @@ class Receiver:
         """
         assoc = event.assoc
         try:
-            if self._admission.admit(assoc):
+            request = assoc.requestor.primitive
+            called = str(getattr(request, "called_ae_title", "") or "").strip()
+            calling = str(getattr(request, "calling_ae_title", "") or "").strip()
+            if called not in self._called_ae_titles:
+                # PS3.8 7.1.1.9: rejected-permanent, service user, called AE title not recognized.
+                self._reject(assoc, (0x01, 0x01, 0x07), f"called AE title {called[:16]!r} is not this node's")
                 return
-            assoc.acse.send_reject(0x02, 0x03, 0x02)
-            evt.trigger(assoc, evt.EVT_REJECTED, {})
-            assoc.kill()
+            refusal = self._admission.refusal(assoc, calling)
+            if refusal is None:
+                return
+            # Rejected-transient, service provider (presentation), local limit exceeded.
+            self._reject(assoc, (0x02, 0x03, 0x02), f"{refusal} limit reached")
         except Exception:  # noqa: BLE001 - never raise into pynetdicom; its own limit still applies
             log.exception("receiver_admission_failed")
+
+    def _reject(self, assoc: Any, result_source_reason: tuple[int, int, int], reason: str) -> None:
+        with self._lock:
+            self._rejections[id(assoc)] = reason
+        assoc.acse.send_reject(*result_source_reason)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def _on_established(self, event: DicomEvent) -> None:
         try:
@@ -409,6 +463,9 @@ class Receiver:
         """
         try:
             self._admission.release(event.assoc)
+            partial = discard_partial_dataset(event.assoc)
+            if partial is not None:
+                log.warning("partial_dataset_removed", file=partial.name, reason="the association ended mid-dataset")
             key = id(event.assoc)
             with self._lock:
                 state = self._associations.get(key)
@@ -440,8 +497,10 @@ class Receiver:
         try:
             requestor = event.assoc.requestor
             calling = str(requestor.ae_title).strip()
-            log.warning("association_rejected", calling_ae_title=calling, peer_address=requestor.address)
-            self._put(records.AssociationRejected(calling, f"{requestor.address}:{requestor.port}", records.now()))
+            with self._lock:
+                reason = self._rejections.pop(id(event.assoc), "calling AE title not allowed")
+            log.warning("association_rejected", calling_ae_title=calling, peer_address=requestor.address, reason=reason)
+            self._put(records.AssociationRejected(calling, f"{requestor.address}:{requestor.port}", records.now(), reason))
         except Exception:  # noqa: BLE001
             log.exception("receiver_rejected_handler_failed")
 
@@ -452,6 +511,11 @@ class Receiver:
         except Exception as exc:  # noqa: BLE001 - boundary: answer with a status, keep the node running
             log.exception("receiver_store_failed", error=str(exc))
             status, kind = STATUS_CANNOT_UNDERSTAND, "rejected"
+        finally:
+            # Storing (an fsync, a large instance) is not the peer being idle: its idle time starts now.
+            timer = getattr(getattr(event.assoc, "dul", None), "_idle_timer", None)
+            if timer is not None:
+                timer.restart()
         with self._lock:
             key = {"stored": "stored", "duplicate": "duplicates", "ignored": "ignored", "rejected": "rejected"}[kind]
             self._counters[key] += 1
@@ -484,7 +548,33 @@ class Receiver:
         )
         return status, "rejected"
 
+    def _conflict(self, reason: str, stored_series_instance_uid: str, request: _StoreRequest) -> tuple[int, str]:
+        """Refuse a SOP Instance UID the spool already holds with other content or in another series:
+        0xA900, one warning line and an ``instance_conflict`` event on the series that holds it."""
+        log.warning(
+            "instance_conflict", status=f"0x{STATUS_DATASET_DOES_NOT_MATCH:04X}", reason=reason,
+            sop_instance_uid=request.sop_instance_uid[:64], series_instance_uid=request.series_instance_uid[:64],
+            stored_series_instance_uid=stored_series_instance_uid,
+        )
+        self._put(
+            records.InstanceNotStored(
+                "instance_conflict", request.sop_instance_uid[:64], request.sop_class_uid[:64],
+                stored_series_instance_uid, request.association_id, STATUS_DATASET_DOES_NOT_MATCH,
+                f"{reason} (sent in series {request.series_instance_uid[:64]})", records.now(),
+            )
+        )
+        return STATUS_DATASET_DOES_NOT_MATCH, "rejected"
+
     def _store(self, event: DicomEvent, state: _AssociationState | None) -> tuple[int, str]:
+        """Store one C-STORE dataset; a file this creates in tmp/ (an inflated copy) never outlives it."""
+        inflated: list[Path] = []
+        try:
+            return self._store_dataset(event, state, inflated)
+        finally:
+            for path in inflated:
+                path.unlink(missing_ok=True)
+
+    def _store_dataset(self, event: DicomEvent, state: _AssociationState | None, inflated: list[Path]) -> tuple[int, str]:
         primitive = cast(C_STORE, event.request)
         sop_class = str(primitive.AffectedSOPClassUID or "")
         sop_uid = str(primitive.AffectedSOPInstanceUID or "")
@@ -507,6 +597,22 @@ class Receiver:
             source: Path | None = event.dataset_path
         except AttributeError:
             source = None
+        limit = self._settings.node.max_instance_bytes
+        received = oversized(source)
+        if received is not None:
+            return self._refuse(
+                STATUS_OUT_OF_RESOURCES,
+                f"dataset larger than node.max_instance_bytes ({limit} bytes; {received} bytes arrived, none kept)", common,
+            )
+        if source is not None and transfer_syntax == DeflatedExplicitVRLittleEndian:
+            try:
+                source = inflate_bounded(Path(source), self._spool.tmp_dir, limit)
+            except InflateError as exc:
+                if exc.too_large:
+                    return self._refuse(STATUS_OUT_OF_RESOURCES, str(exc), common)
+                return self._refuse(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be read ({exc})", common)
+            inflated.append(source)
+            transfer_syntax = str(ExplicitVRLittleEndian)  # stored inflated: readers never inflate without bound
         try:
             header = records.read_header(source if source is not None else event.encoded_dataset())
         except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
@@ -532,15 +638,24 @@ class Receiver:
         except InvalidUIDError as exc:
             return self._refuse(STATUS_DATASET_DOES_NOT_MATCH, str(exc), common)
 
-        with self._lock:
-            duplicate = path in self._in_flight or path.exists()
-            if not duplicate:
-                self._in_flight.add(path)
-        if duplicate:
+        claim = self._sop_index.claim(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
+        common = dataclasses.replace(common, sop_instance_uid=uids["SOPInstanceUID"])
+        elsewhere = bool(claim.stored_series_instance_uid) and (
+            claim.stored_study_instance_uid, claim.stored_series_instance_uid
+        ) != (uids["StudyInstanceUID"], uids["SeriesInstanceUID"])
+        if claim.result is ClaimResult.OTHER_SERIES or (claim.result is ClaimResult.IN_FLIGHT and elsewhere):
+            return self._conflict(
+                "SOP Instance UID already stored in another series", claim.stored_series_instance_uid, common
+            )
+        if claim.result is ClaimResult.SAME_SERIES and source is not None and not same_dataset(Path(source), path):
+            return self._conflict(
+                "SOP Instance UID already stored with other content", uids["SeriesInstanceUID"], common
+            )
+        if claim.result is not ClaimResult.NEW:
             self._put(
                 records.InstanceNotStored(
                     "duplicate_instance", uids["SOPInstanceUID"], sop_class, uids["SeriesInstanceUID"], association_id,
-                    STATUS_SUCCESS, "SOP Instance UID already stored", records.now(),
+                    STATUS_SUCCESS, "SOP Instance UID already stored with the same content", records.now(),
                 )
             )
             return STATUS_SUCCESS, "duplicate"
@@ -550,10 +665,8 @@ class Receiver:
             else:
                 size = self._spool.write_bytes(path, event.encoded_dataset())
         except StorageError as exc:
+            self._sop_index.release(uids["SOPInstanceUID"])
             return self._refuse(STATUS_OUT_OF_RESOURCES, str(exc), common)
-        finally:
-            with self._lock:
-                self._in_flight.discard(path)
         self._put(
             records.ReceivedInstance(
                 study_instance_uid=uids["StudyInstanceUID"],

@@ -48,6 +48,7 @@ from pacs_agent.dicom.tls import server_ssl_context
 from pacs_agent.errors import ReceiverError
 from pacs_agent.ingest.reconcile import reconcile_spool
 from pacs_agent.node.supervisor import RestartPolicy
+from pacs_agent.ingest.sop_index import SopIndex
 from pacs_agent.settings import Settings
 from pacs_agent.ingest.spool import Spool
 
@@ -126,6 +127,7 @@ class ReceiverPool:
             server_ssl_context(node.tls)  # unreadable certificate or key: fail here, with the reason, not in each process
         cleared = self.spool.clear_tmp()
         recovered = reconcile_spool(self._factory, self._spool)
+        indexed = SopIndex(self._spool).rebuild()  # instances stored before the SOP Instance UID index existed
         family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
         try:
             listener = socket.create_server((node.host, node.port), family=family, backlog=LISTEN_BACKLOG)
@@ -152,6 +154,7 @@ class ReceiverPool:
         log.info(
             "receiver_started", ae_title=node.ae_title, host=node.host, port=self.port, tls=node.tls.enabled,
             max_associations=node.max_associations, processes=self._count, reconciled=recovered, tmp_cleared=cleared,
+            sop_indexed=indexed,
         )
 
     def stop(self) -> None:

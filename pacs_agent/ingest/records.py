@@ -62,6 +62,8 @@ class AssociationRejected:
     calling_ae_title: str
     peer_address: str
     at: datetime
+    #: Why: "called AE title ... is not this node's", "association limit reached", ...
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class ReceivedInstance:
 class InstanceNotStored:
     """An instance acknowledged without storing (duplicate, other SOP class) or refused (status != 0)."""
 
-    kind: str  # "duplicate_instance", "instance_ignored", "instance_rejected"
+    kind: str  # "duplicate_instance", "instance_ignored", "instance_rejected", "instance_conflict"
     sop_instance_uid: str
     sop_class_uid: str
     series_instance_uid: str

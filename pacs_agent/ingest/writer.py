@@ -177,7 +177,7 @@ def _apply(session: Session, spool: Spool, records: Sequence[Record]) -> None:
         elif isinstance(record, AssociationRejected):
             record_event(
                 session, entity="association", entity_id="-", kind="association_rejected",
-                calling_ae_title=record.calling_ae_title, peer_address=record.peer_address,
+                calling_ae_title=record.calling_ae_title, peer_address=record.peer_address, reason=record.reason,
             )
         elif isinstance(record, ReceivedInstance):
             _apply_instance(session, spool, record, series_by_uid, known_sops, added)

@@ -68,7 +68,7 @@ def result_dict(result: Result | None) -> dict[str, Any] | None:
         return None
     return {
         "flag": result.flag.value,
-        **_columns(result, "pe_present pe_probability probabilities labels key_images"),
+        **_columns(result, "pe_present pe_probability probabilities labels key_images skipped_images"),
         "model": {"name": result.model_name, "version": result.model_version, "sha256": result.model_sha256},
         **_columns(result, "timings_s created_at"),
     }

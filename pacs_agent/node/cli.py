@@ -335,6 +335,10 @@ def _render_show(data: dict[str, Any]) -> None:
         _table("Jobs", ["id", "status", "attempts", "reason", "flag", "PE p", "error"],
                [[j["id"], j["status"], f"{j['attempts']}/{j['max_attempts']}", j["reason"],
                  (j["result"] or {}).get("flag", ""), _fmt_p((j["result"] or {}).get("pe_probability")), j["error"]] for j in jobs])
+        skipped = [(j["id"], item) for j in jobs for item in ((j["result"] or {}).get("skipped_images") or [])]
+        if skipped:
+            _table("Images left out of the analysis", ["job", "SOP Instance UID", "reason"],
+                   [[job_id, item["sop_instance_uid"], item["reason"]] for job_id, item in skipped])
         deliveries = [(j["id"], o, d) for j in jobs for o in j["outputs"] for d in o["deliveries"]]
         if deliveries:
             _table("Deliveries", ["id", "job", "kind", "destination", "status", "attempts", "DICOM status", "error"],

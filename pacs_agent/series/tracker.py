@@ -28,7 +28,7 @@ from pacs_agent.db.models import Association, Instance, Job, JobStatus, Series, 
 from pacs_agent.db.session import transaction
 from pacs_agent.errors import StorageError
 from pacs_agent.db.events import record_event
-from pacs_agent.logs import get_logger
+from pacs_agent.logs import get_logger, protect_patient_values
 from pacs_agent.jobs.queue import enqueue_job
 from pacs_agent.series.selection import SelectionDecision, select_series
 from pacs_agent.series.states import set_series_state
@@ -53,6 +53,11 @@ SELECTION_KEYWORDS: tuple[str, ...] = (
     "StudyDescription",
     "ProtocolName",
     "SharedFunctionalGroupsSequence",
+    # Read only so that the log pipeline can mask them where free text repeats them (a selection reason
+    # quotes the series description); never stored or logged.
+    "PatientName",
+    "PatientID",
+    "OtherPatientNames",
 )
 #: At most this many headers are read per series (evenly spaced, first and last included): a 400-slice
 #: series is decided in tens of milliseconds, well inside the quiet_seconds + 1 s budget.
@@ -78,9 +83,9 @@ def read_selection_headers(spool: Spool, paths: Iterable[str]) -> list[pydicom.D
     headers: list[pydicom.Dataset] = []
     for relative in paths:
         try:
-            headers.append(
-                pydicom.dcmread(spool.absolute(relative), stop_before_pixels=True, specific_tags=list(SELECTION_KEYWORDS))
-            )
+            header = pydicom.dcmread(spool.absolute(relative), stop_before_pixels=True, specific_tags=list(SELECTION_KEYWORDS))
+            protect_patient_values(header)
+            headers.append(header)
         except (InvalidDicomError, OSError, ValueError, StorageError) as exc:
             log.warning("spool_file_unreadable", path=relative, error=str(exc))
     return headers

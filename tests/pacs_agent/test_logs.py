@@ -72,3 +72,42 @@ def test_console_format_is_readable() -> None:
     configure_logging(LogSettings(format="json", level="WARNING"), stream=io.StringIO())
     text = out.getvalue()
     assert "hello" in text and "job_id=3" in text and not text.lstrip().startswith("{")
+
+
+def test_name_parts_are_masked_in_any_order_and_in_free_text(stream: io.StringIO) -> None:
+    """A name copied into a free-text attribute ("CTPA for Jane Doe") never reaches the log."""
+    ds = pydicom.Dataset()
+    ds.PatientName = "DOE^JANE^Q"
+    protect_patient_values(ds)
+    log = get_logger("pacs_agent.test")
+    log.info("series_ignored", reason="no contrast agent and description 'CTPA for Jane Doe, ward 3' does not match")
+    log.info("series_queued", selection="description 'Doe, Jane'", note="Doesn't matter; Janet stays")
+    text = stream.getvalue()
+    for secret in ("Jane", "Doe", "JANE", "DOE"):
+        assert f"{secret}" not in text.replace("Doesn't", "").replace("Janet", "")
+    first, second = lines(stream)
+    assert first["reason"] == "no contrast agent and description 'CTPA for *** ***, ward 3' does not match"
+    assert "Janet stays" in str(second["note"]) and "Doesn't" in str(second["note"])
+
+
+def test_values_quoted_by_pydicom_warnings_are_masked(stream: io.StringIO) -> None:
+    """pydicom quotes an invalid value before anyone could register it as a patient value."""
+    import warnings
+
+    ds = pydicom.Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        ds.PatientBirthDate = "Mary Smith"  # invalid DA: pydicom logs and warns, quoting it
+    text = stream.getvalue()
+    assert "Mary" not in text and "Smith" not in text
+    assert "Invalid value" in text
+
+
+def test_library_tracebacks_become_one_line(stream: io.StringIO) -> None:
+    """pynetdicom logs a traceback for each malformed PDU a peer sends: the log keeps its message only."""
+    try:
+        raise ValueError("unpack requires a buffer of 4 bytes")
+    except ValueError as exc:
+        logging.getLogger("pynetdicom.dul").exception(exc)
+    text = stream.getvalue()
+    assert "Traceback" not in text and "unpack requires a buffer of 4 bytes" in text

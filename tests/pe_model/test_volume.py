@@ -571,22 +571,25 @@ def test_a_decoder_failure_is_wrapped_with_its_cause(tmp_path: Path) -> None:
 
 
 def test_hu_are_int16_only_when_exact_and_in_range(tmp_path: Path) -> None:
-    """int16 HU for integral rescales (half the memory), float32 for a fractional slope, and float32 as
-    soon as one slice's HU leave the int16 range; the values are the same either way."""
+    """int16 HU for integral rescales (half the memory), float32 for a fractional slope; the values are
+    the same either way. A slice whose HU leave the Hounsfield range is not CT: it is dropped with the
+    reason (pe_model.validation), never stored as a plausible-looking slice."""
     fractional = load_series(write(axial_series(Z, slope=0.5, intercept=-1024.0), tmp_path / "half"))
     assert fractional.voxels.dtype == np.float32
     for k, z in enumerate(Z):
         np.testing.assert_allclose(fractional.voxels[k, 1:, 1:], hu_of_position(z), atol=0.5)
-    # A uint16 image with intercept +2000: 65535 + 2000 does not fit int16, so the whole volume is float32.
+    # A uint16 image with intercept +2000: 65535 + 2000 HU is no tissue.
     datasets = axial_series(Z, bits=16, signed=False)
     datasets[7] = ct_slice((-50.0, -60.0, Z[7]), signed=False, intercept=2000.0,
                            stored=np.full((40, 36), 65535, dtype=np.uint16))
     datasets[7].BitsStored, datasets[7].HighBit = 16, 15
     wide = load_series(write(datasets, tmp_path / "wide"))
-    assert wide.voxels.dtype == np.float32
-    assert float(wide.voxels[7].max()) == 67535.0
-    for k in (0, 6, 8, 11):  # slices decoded before and after the switch
-        np.testing.assert_allclose(wide.voxels[k, 1:, 1:], hu_of_position(Z[k]))
+    assert wide.voxels.dtype == np.int16
+    assert str(datasets[7].SOPInstanceUID) not in wide.sop_instance_uids
+    reasons = dict(wide.skipped)
+    assert "Hounsfield range" in reasons[str(datasets[7].SOPInstanceUID)]
+    kept = [z for k, z in enumerate(Z) if k != 7]
+    assert_at_positions(wide, kept)
 
 
 def test_int16_and_float32_volumes_resample_identically(tmp_path: Path) -> None:

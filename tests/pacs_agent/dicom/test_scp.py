@@ -193,18 +193,34 @@ def test_duplicate_sop_instance_is_stored_once(start_receiver: Callable[..., Pee
     assert len(peer.events("duplicate_instance")) == 2
 
 
-def test_same_sop_under_another_series_is_not_stored_twice(start_receiver: Callable[..., Peer]) -> None:
+def test_same_sop_under_another_series_is_refused_not_acknowledged_and_lost(start_receiver: Callable[..., Peer]) -> None:
+    """A SOP Instance UID already stored in one series and sent again in another: 0xA900 and an
+    instance_conflict event on the series that holds it (acknowledging it would lose it: the database keeps
+    one row per SOP Instance UID)."""
     peer = start_receiver()
     study = generate_uid()
     first = ct_slice(study, generate_uid(), 0)
     second = ct_slice(study, generate_uid(), 0, sop=first.SOPInstanceUID)
-    assert send(peer, [first, second]) == [0, 0]
+    assert send(peer, [first, second]) == [0, 0xA900]
     peer.wait_closed()
     with peer.session() as session:
         rows = session.scalars(select(Instance)).all()
         assert len(rows) == 1 and rows[0].path.endswith(f"{first.SeriesInstanceUID}/{first.SOPInstanceUID}.dcm")
     assert not peer.receiver.spool.series_dir(study, second.SeriesInstanceUID).joinpath(f"{first.SOPInstanceUID}.dcm").exists()
-    assert len(peer.events("duplicate_instance")) == 1
+    conflicts = peer.events("instance_conflict")
+    assert len(conflicts) == 1 and conflicts[0].series_instance_uid == str(first.SeriesInstanceUID)
+    assert str(second.SeriesInstanceUID) in conflicts[0].detail["reason"]
+
+
+def test_same_sop_with_other_content_in_the_same_series_is_refused(start_receiver: Callable[..., Peer]) -> None:
+    peer = start_receiver()
+    study, series = generate_uid(), generate_uid()
+    first = ct_slice(study, series, 0)
+    changed = ct_slice(study, series, 0, sop=first.SOPInstanceUID)
+    changed.PixelData = bytes(reversed(bytes(changed.PixelData)))
+    assert send(peer, [first, first, changed]) == [0, 0, 0xA900]
+    peer.wait_closed()
+    assert len(peer.events("duplicate_instance")) == 1 and len(peer.events("instance_conflict")) == 1
 
 
 @pytest.mark.parametrize(

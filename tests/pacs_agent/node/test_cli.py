@@ -139,6 +139,19 @@ def test_status_jobs_worklist_json(cli: CallCLI, factory) -> None:  # type: igno
     assert code == 0 and "SUCCEEDED" in out
 
 
+def test_show_lists_the_images_the_analysis_left_out(cli: CallCLI, factory) -> None:  # type: ignore[no-untyped-def]
+    job_id = seed(factory, 1, study="1.2.8")
+    skipped = [{"sop_instance_uid": "1.2.8.99", "reason": "image size 24x96 differs from the series' 48x48"}]
+    with transaction(factory) as session:
+        result = session.scalars(select(Result).where(Result.job_id == job_id)).one()
+        result.skipped_images = skipped
+    code, out, _ = cli("show", str(job_id), "--json")
+    ((job,),) = [s["jobs"] for s in json.loads(out)["series"]]
+    assert code == 0 and job["result"]["skipped_images"] == skipped
+    code, out, _ = cli("show", "1.2.8.1")
+    assert code == 0 and "Images left out of the analysis" in out and "1.2.8.99" in out and "24x96" in out
+
+
 def test_show_job_series_study(cli: CallCLI, factory) -> None:  # type: ignore[no-untyped-def]
     job_id = seed(factory, 1, study="1.2.7")
     code, out, _ = cli("show", str(job_id), "--json")
