@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pe_model.labels import EXAM_LABELS, SERIES_PE_KEY
+
+if TYPE_CHECKING:  # pe_model.quality pulls in scipy and pydicom; importing pe_model stays light
+    from pe_model.quality import QualityReport
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Prediction:
     timings_s: dict[str, float]
     #: SOP Instance UIDs of every image the volume was built from (the evidence).
     source_sop_instance_uids: tuple[str, ...] = field(default=())
+    #: The input-quality gate's measurements and verdict (pe_model.quality); None when not run.
+    quality: QualityReport | None = None
 
     @property
     def series_pe_probability(self) -> float:
@@ -109,4 +114,5 @@ class Prediction:
             "chunk_probabilities": [round(float(p), 6) for p in self.chunk_probabilities],
             "model": self.model.to_json_dict(),
             "timings_s": {k: round(float(v), 4) for k, v in self.timings_s.items()},
+            "quality": None if self.quality is None else self.quality.to_json_dict(),
         }
