@@ -10,7 +10,10 @@ Writes ``--count`` held-out CTPA series (half with PE) as DICOM files, one at a 
 - correct side on positives: the consistent central/left/right labels equal the truth's set;
 - RV/LV >= 1 call accuracy on positives (the RSNA labels exist only for PE exams);
 - Grad-CAM: the peak of the best key image's heatmap within 15 mm of a clot (fraction of positives);
-- false CRITICAL on negatives, with the worklist's own flag rule (``pacs_agent.worklist.flag_for``).
+- false CRITICAL on negatives, with the worklist's own flag rule (``pacs_agent.worklist.flag_for``,
+  which also makes every series the input-quality gate fails REVIEW);
+- the input-quality gate itself: series drawn with pulmonary arteries below 250 HU called
+  non-diagnostic, the others passed, and the error of the trunk HU it measured.
 Proportions carry Wilson 95% CIs. Output: ``heldout.json`` (summary and every series) and
 ``heldout.md`` (the table for docs/MODEL_CARD.md) in ``--out``.
 
@@ -59,6 +62,9 @@ class SeriesOutcome:
     flag: str
     gradcam_distance_mm: float | None
     seconds: float
+    #: The input-quality gate on this series: its status and the trunk HU it measured.
+    quality_status: str | None = None
+    measured_trunk_hu: float | None = None
 
     @property
     def predicted_sides(self) -> frozenset[str]:
@@ -81,6 +87,8 @@ class SeriesOutcome:
             "flag": self.flag,
             "gradcam_distance_mm": None if self.gradcam_distance_mm is None else round(self.gradcam_distance_mm, 1),
             "pulmonary_artery_hu": round(spec.pulmonary_artery_hu),
+            "quality_status": self.quality_status,
+            "measured_trunk_hu": None if self.measured_trunk_hu is None else round(self.measured_trunk_hu, 1),
             "fov_mm": round(spec.fov_mm),
             "slice_thickness_mm": spec.slice_thickness_mm,
             "slices": len(self.truth.slice_positions_mm),
@@ -139,6 +147,18 @@ def summarize(outcomes: Sequence[SeriesOutcome], *, bootstrap_rounds: int, seed:
     sensitivity = wilson(sum(o.pe_present for o in positives), len(positives))
     specificity = wilson(sum(not o.pe_present for o in negatives), len(negatives))
     distances = [o.gradcam_distance_mm for o in positives if o.gradcam_distance_mm is not None]
+    poor = [o for o in outcomes if o.truth.pulmonary_artery_hu < 250.0]
+    good = [o for o in outcomes if o.truth.pulmonary_artery_hu >= 250.0]
+    errors = [abs(o.measured_trunk_hu - o.truth.pulmonary_artery_hu) for o in outcomes if o.measured_trunk_hu is not None]
+    gate = {
+        "threshold_hu": 250.0,
+        "poor_contrast_series": len(poor),
+        "poor_contrast_called_non_diagnostic": _prop(wilson(sum(o.quality_status == "non-diagnostic" for o in poor), len(poor))),
+        "adequate_series_passed": _prop(wilson(sum(o.quality_status != "non-diagnostic" for o in good), len(good))),
+        "unverified": sum(o.quality_status == "unverified" for o in outcomes),
+        "trunk_measured": len(errors),
+        "trunk_hu_median_abs_error": float(np.median(errors)) if errors else math.nan,
+    }
     return {
         "series": len(outcomes),
         "positives": len(positives),
@@ -152,6 +172,7 @@ def summarize(outcomes: Sequence[SeriesOutcome], *, bootstrap_rounds: int, seed:
         "gradcam_within_15mm_of_clot": _prop(cam),
         "gradcam_median_distance_mm": float(np.median(distances)) if distances else math.nan,
         "false_critical_on_negatives": {**_prop(critical), "count": sum(o.flag == "CRITICAL" for o in negatives)},
+        "quality_gate": gate,
     }
 
 
@@ -185,6 +206,16 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"| false CRITICAL on negatives | {summary['false_critical_on_negatives']['count']} "
         f"({fmt(summary['false_critical_on_negatives'])}) | 0 |",
     ]
+    gate = summary.get("quality_gate")
+    if gate:
+        lines += [
+            "",
+            f"Input-quality gate on the same series ({gate['poor_contrast_series']} with pulmonary arteries "
+            f"< 250 HU; trunk measured on {gate['trunk_measured']}, median error "
+            f"{gate['trunk_hu_median_abs_error']:.0f} HU; {gate['unverified']} unverified): poor contrast called "
+            f"non-diagnostic {fmt(gate['poor_contrast_called_non_diagnostic'])}, adequate contrast passed "
+            f"{fmt(gate['adequate_series_passed'])}. Flags are the node's (non-diagnostic series are REVIEW).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +271,8 @@ def run(
                 flag=flag_for(prediction, review_margin).value,
                 gradcam_distance_mm=gradcam_distance(prediction, truth),
                 seconds=seconds,
+                quality_status=None if prediction.quality is None else prediction.quality.status,
+                measured_trunk_hu=None if prediction.quality is None else prediction.quality.pulmonary_trunk_hu,
             )
             outcomes.append(outcome)
             if keep_series is None:
@@ -249,6 +282,7 @@ def run(
             if progress:
                 row = outcome.to_json_dict()
                 print(f"[{index + 1}/{count}] pe={row['pe']} p={row['pe_probability']:.3f} flag={row['flag']} "
+                      f"quality={row['quality_status']} trunk {row['pulmonary_artery_hu']}->{row['measured_trunk_hu']} "
                       f"sides {row['truth_sides']}->{row['predicted_sides']} cam={row['gradcam_distance_mm']} "
                       f"({row['seconds']} s)", file=sys.stderr, flush=True)
     finally:

@@ -42,7 +42,7 @@ def test_predict_json_has_the_documented_fields(
     assert {k["sop_instance_uid"] for k in result["key_images"]} <= set(truth.sop_instance_uids)
     assert {"name", "version", "sha256", "intended_use"} <= set(result["model"])
     assert len(result["model"]["sha256"]) == 64
-    assert set(result["timings_s"]) == {"load", "preprocess", "stage1", "stage2", "gradcam", "total"}
+    assert set(result["timings_s"]) == {"load", "quality", "preprocess", "stage1", "stage2", "gradcam", "total"}
     assert result["pe_present"] == (result["probabilities"][SERIES_PE_KEY] > 0.5)
 
 
@@ -128,7 +128,7 @@ def test_benchmark_reports_every_stage_and_peak_rss(
     result = json.loads(out)
     assert len(result["runs"]) == 2
     for run in result["runs"]:
-        assert set(run) == {"load", "preprocess", "stage1", "stage2", "gradcam", "total"}
+        assert set(run) == {"load", "quality", "preprocess", "stage1", "stage2", "gradcam", "total"}
         assert run["total"] >= run["stage1"] >= 0.0
     assert result["chunks"] >= 1
     assert result["peak_rss_mb"] > 50
