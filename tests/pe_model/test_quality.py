@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pe_model.predictor import Predictor
@@ -166,3 +167,38 @@ def test_prediction_carries_the_quality_report(tiny_checkpoint: Path, phantom_se
     assert prediction.quality.pulmonary_trunk_hu is not None
     assert "quality" in prediction.timings_s
     assert prediction.to_json_dict()["quality"]["status"] == prediction.quality.status
+
+
+# -- hostile volumes: an answer with what could not be measured, never an exception --------------------
+
+
+def _volume(voxels: np.ndarray, orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0), thickness: float | None = 1.0,
+            spacing: tuple[float, float] = (1.0, 1.0)) -> Volume:
+    n = voxels.shape[0]
+    return Volume(voxels=voxels, positions_mm=np.arange(n, dtype=np.float64),
+                  image_positions=np.array([[0.0, 0.0, float(k)] for k in range(n)]),
+                  orientation=np.asarray(orientation, dtype=np.float64), pixel_spacing_mm=spacing,
+                  sop_instance_uids=tuple(str(k) for k in range(n)), frame_numbers=(None,) * n,
+                  study_instance_uid="1", series_instance_uid="2", slice_thickness_mm=thickness, skipped=())
+
+
+_RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize(
+    "volume",
+    [
+        _volume(np.zeros((1, 16, 16), np.int16)),
+        _volume(np.full((5, 32, 32), -1000, np.int16)),
+        _volume(_RNG.integers(-1024, 3000, (20, 40, 40)).astype(np.int16)),
+        _volume(_RNG.integers(-1000, 100, (10, 30, 30)).astype(np.int16), orientation=(0, 1, 0, 0, 0, -1)),
+        _volume(np.where(_RNG.random((6, 32, 32)) < 0.1, np.nan, 0.0).astype(np.float32)),
+        _volume(np.zeros((4, 16, 16), np.int16), thickness=None),
+        _volume(np.zeros((3, 2, 2), np.int16), spacing=(0.01, 0.01)),
+    ],
+    ids=["one-slice", "all-air", "random", "sagittal", "nan", "no-thickness", "2x2"],
+)
+def test_hostile_volumes_get_an_unverified_report(volume: Volume) -> None:
+    report = assess_quality(volume)
+    assert report.status == "unverified" and report.unmeasured
+    assert report.summary.startswith("quality unverified: ")
