@@ -175,3 +175,24 @@ def test_bad_clots_are_refused() -> None:
         ClotSpec(level="subsegmental", form="occlusive")
     with pytest.raises(HeldoutSpecError, match="HU"):
         ClotSpec(level="lobar", form="occlusive", hu=300.0)
+
+
+def test_a_storage_scp_accepts_the_series_over_c_store(tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from tests.support.pacs_scp import PacsSCP
+
+    truth = write_heldout_series(tmp_path / "s", HeldoutSpec(seed=13, **SMALL))
+    with PacsSCP(ae_title="PACS") as pacs:
+        ae = AE(ae_title="HELDOUT")
+        ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", pacs.port, ae_title="PACS")
+        assert assoc.is_established
+        try:
+            statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in truth.files[:5]]
+        finally:
+            assoc.release()
+        assert statuses == [0x0000] * 5
+        received = pacs.wait_for(5)
+    assert [str(ds.SOPInstanceUID) for ds in received] == [str(pydicom.dcmread(p).SOPInstanceUID) for p in truth.files[:5]]
