@@ -5,9 +5,10 @@ answer it confidently. Before that answer is used, four things are measured on t
 (never taken from the header alone, except the slice thickness):
 
 - **pulmonary trunk attenuation** at the level of the bifurcation. The pulmonary arteries are found
-  as the opacified structure between the lungs, in front of the spine, that spreads sideways towards
-  both hila (the bifurcation is wider than it is deep; the aorta, the SVC and the heart chambers are
-  not). Its median HU is measured inside the structure, away from its edge. When no such structure
+  as the opacified structure between the lungs, in front of the spine, that spreads sideways into
+  both hila (wider than deep, reaching both lungs), near the carina when the trachea is seen, above
+  the left atrium otherwise. Its median HU is measured in the structure's patient-left half (the
+  aorta and SVC lie to the right), away from its edge. When no such structure
   is found the gate says so: if nothing in the mediastinum reaches the threshold the series is
   non-diagnostic (no artery can be opacified enough); otherwise the contrast stays unverified.
 - **lung coverage**: both lungs segmented in 3-D (air inside the body, large components); the apex
@@ -47,6 +48,12 @@ _SMOOTH_MM = 1.5
 #: The pulmonary bifurcation: at least this wide (mm) and this much wider than deep.
 _MIN_BIFURCATION_WIDTH_MM = 45.0
 _MIN_WIDTH_TO_DEPTH = 1.15
+#: The bifurcation reaches both lungs (its branches enter both hila) within this distance (mm).
+_HILUM_REACH_MM = 10.0
+#: The trachea's centre lies within this distance (mm) of the midline between the lungs.
+_TRACHEA_OFF_MIDLINE_MM = 20.0
+#: Where the bifurcation is looked for relative to the carina when the trachea is seen (mm, + is up).
+_CARINA_BAND_MM = (-45.0, 10.0)
 #: Candidates for the bifurcation must be at least this fraction of the widest structure's width.
 _NEAR_WIDEST = 0.75
 #: Where to look for it, as fractions of the lungs' craniocaudal extent from the base.
@@ -333,6 +340,7 @@ def _find_trunk(volume: Volume, lungs: _Lungs) -> _Trunk:
     sigma = (_SMOOTH_MM / row_mm, _SMOOTH_MM / col_mm)
 
     wide: list[tuple[float, int, np.ndarray, np.ndarray]] = []  # (width, slice, mask, image)
+    trachea: list[int] = []  # slices with the trachea (one air column at the midline between the lungs)
     brightest_vessel: float | None = None
     brightest_any: float | None = None
     for k in candidates[::step]:
@@ -341,7 +349,18 @@ def _find_trunk(volume: Volume, lungs: _Lungs) -> _Trunk:
         mediastinum = _mediastinum(lung, rows_posterior)
         if not mediastinum.any():
             continue
+        midline = float(np.nonzero(lung)[1].mean())
         smooth = ndimage.gaussian_filter(image, sigma, mode="nearest")
+        if _has_trachea(_mediastinum(lung, rows_posterior, anterior_only=False) & (smooth < -500.0), midline,
+                        (row_mm, col_mm)):
+            trachea.append(k)
+        # Distance (mm) from each pixel to the right and to the left lung: the pulmonary arteries
+        # run from the trunk into both hila; the aorta and the SVC do not reach the left lung.
+        columns = np.arange(lung.shape[1])[None, :]
+        to_lung = [
+            ndimage.distance_transform_edt(~(lung & side), sampling=(row_mm, col_mm))
+            for side in (columns < midline, columns > midline)
+        ]
         top = float(np.percentile(smooth[mediastinum], 99.5))
         brightest_any = top if brightest_any is None else max(brightest_any, top)
         labels, count = ndimage.label(mediastinum & (smooth >= _OPACIFIED_HU))
@@ -362,11 +381,19 @@ def _find_trunk(volume: Volume, lungs: _Lungs) -> _Trunk:
             rows = np.flatnonzero(mask.any(axis=1))
             width = (cols[-1] - cols[0] + 1) * col_mm
             deep = (rows[-1] - rows[0] + 1) * row_mm
-            if width >= _MIN_BIFURCATION_WIDTH_MM and width >= _MIN_WIDTH_TO_DEPTH * deep:
+            reaches = all(float(d[region][mask].min()) <= _HILUM_REACH_MM for d in to_lung)
+            if width >= _MIN_BIFURCATION_WIDTH_MM and width >= _MIN_WIDTH_TO_DEPTH * deep and reaches:
                 full = np.zeros(image.shape, dtype=bool)
                 full[region] = core if core.sum() >= 8 else mask
                 wide.append((width, k, full, image))
     best: tuple[float, int, np.ndarray, np.ndarray] | None = None
+    headwards = 1.0 if volume.normal[2] > 0 else -1.0
+    carina = _carina(trachea, positions, headwards, 2.5 * step * volume.mean_slice_spacing_mm)
+    if carina is not None:
+        # With a trachea in view: the bifurcation lies at or a little below the carina, the aortic
+        # arch above it and the left atrium further below.
+        near = [w for w in wide if _CARINA_BAND_MM[0] <= headwards * (float(positions[w[1]]) - carina) <= _CARINA_BAND_MM[1]]
+        wide = near or wide
     if wide:
         # The left atrium with its veins and a dilated right ventricle are about as wide, but lie
         # below the bifurcation; the ascending aorta beside the SVC lies above it but is narrower.
@@ -374,7 +401,6 @@ def _find_trunk(volume: Volume, lungs: _Lungs) -> _Trunk:
         # of slices, and in it the slice where the structure is widest.
         widest = max(w[0] for w in wide)
         wide = [w for w in wide if w[0] >= _NEAR_WIDEST * widest]
-        headwards = 1.0 if volume.normal[2] > 0 else -1.0
         order = sorted({w[1] for w in wide}, key=lambda k: -headwards * float(positions[k]))
         run = [order[0]]
         for k in order[1:]:
@@ -404,6 +430,33 @@ def _find_trunk(volume: Volume, lungs: _Lungs) -> _Trunk:
     )
 
 
+def _has_trachea(air: np.ndarray, midline: float, pixel_mm: tuple[float, float]) -> bool:
+    """An air column between the lungs at the midline: at least 5 mm in radius, centred within
+    _TRACHEA_OFF_MIDLINE_MM of it (the main bronchi below the carina lie further out)."""
+    labels, count = ndimage.label(air)
+    if count == 0:
+        return False
+    min_area = math.pi * 5.0**2 / (pixel_mm[0] * pixel_mm[1])
+    for index in range(1, count + 1):
+        rows, cols = np.nonzero(labels == index)
+        if rows.size >= min_area and abs(float(cols.mean()) - midline) * pixel_mm[1] <= _TRACHEA_OFF_MIDLINE_MM:
+            return True
+    return False
+
+
+def _carina(trachea: list[int], positions: np.ndarray, headwards: float, gap_mm: float) -> float | None:
+    """z (mm) of the lowest slice of the uppermost run of slices that show the trachea, or None."""
+    if not trachea:
+        return None
+    ordered = sorted(trachea, key=lambda k: -headwards * float(positions[k]))
+    lowest = ordered[0]
+    for k in ordered[1:]:
+        if abs(float(positions[k]) - float(positions[lowest])) > gap_mm:
+            break
+        lowest = k
+    return float(positions[lowest])
+
+
 def _lung_on_grid(lungs: _Lungs, k: int, shape: tuple[int, ...], stride: int) -> np.ndarray:
     """The slice's coarse lung mask on the search grid (nearest neighbour), small parts removed."""
     coarse = lungs.masks[k]
@@ -419,9 +472,9 @@ def _lung_on_grid(lungs: _Lungs, k: int, shape: tuple[int, ...], stride: int) ->
     return np.asarray(lung, dtype=bool)
 
 
-def _mediastinum(lung: np.ndarray, rows_posterior: bool) -> np.ndarray:
-    """Pixels between the two lungs on each row, in front of the lungs' antero-posterior middle
-    (plus a tenth of their depth): where the great vessels are, not the spine."""
+def _mediastinum(lung: np.ndarray, rows_posterior: bool, *, anterior_only: bool = True) -> np.ndarray:
+    """Pixels between the two lungs on each row, with ``anterior_only`` only in front of the lungs'
+    antero-posterior middle (plus a tenth of their depth): where the great vessels are, not the spine."""
     out = np.zeros(lung.shape, dtype=bool)
     rows = np.flatnonzero(lung.any(axis=1))
     if rows.size == 0:
@@ -432,7 +485,7 @@ def _mediastinum(lung: np.ndarray, rows_posterior: bool) -> np.ndarray:
     depth = rows[-1] - rows[0]
     limit = middle + 0.1 * depth if rows_posterior else middle - 0.1 * depth
     for r in rows:
-        if (r > limit) if rows_posterior else (r < limit):
+        if anterior_only and ((r > limit) if rows_posterior else (r < limit)):
             continue
         line = np.flatnonzero(lung[r])
         right = line[line < midline]
