@@ -7,7 +7,7 @@ answer it confidently. Before that answer is used, four things are measured on t
 - **pulmonary trunk attenuation** at the level of the bifurcation. The pulmonary arteries are found
   as the opacified structure between the lungs, in front of the spine, that spreads sideways into
   both hila (wider than deep, reaching both lungs), near the carina when the trachea is seen, above
-  the left atrium otherwise. Its median HU is measured in the structure's patient-left half (the
+  the left atrium otherwise. Its median HU is measured in the structure's patient-left third (the
   aorta and SVC lie to the right), away from its edge. When no such structure
   is found the gate says so: if nothing in the mediastinum reaches the threshold the series is
   non-diagnostic (no artery can be opacified enough); otherwise the contrast stays unverified.
@@ -50,6 +50,8 @@ _MIN_BIFURCATION_WIDTH_MM = 45.0
 _MIN_WIDTH_TO_DEPTH = 1.15
 #: The bifurcation reaches both lungs (its branches enter both hila) within this distance (mm).
 _HILUM_REACH_MM = 10.0
+#: Share of the bifurcation's width, from its patient-left end, where the attenuation is measured.
+_LEFT_PART = 1.0 / 3.0
 #: The trachea's centre lies within this distance (mm) of the midline between the lungs.
 _TRACHEA_OFF_MIDLINE_MM = 20.0
 #: Where the bifurcation is looked for relative to the carina when the trachea is seen (mm, + is up).
@@ -390,15 +392,16 @@ def _find_trunk(volume: Volume, lungs: _Lungs) -> _Trunk:
     headwards = 1.0 if volume.normal[2] > 0 else -1.0
     carina = _carina(trachea, positions, headwards, 2.5 * step * volume.mean_slice_spacing_mm)
     if carina is not None:
-        # With a trachea in view: the bifurcation lies at or a little below the carina, the aortic
-        # arch above it and the left atrium further below.
+        # With a trachea in view: the bifurcation lies at or a little below the carina (the aortic
+        # arch above it, the left atrium further below); take the widest structure there.
         near = [w for w in wide if _CARINA_BAND_MM[0] <= headwards * (float(positions[w[1]]) - carina) <= _CARINA_BAND_MM[1]]
-        wide = near or wide
-    if wide:
-        # The left atrium with its veins and a dilated right ventricle are about as wide, but lie
-        # below the bifurcation; the ascending aorta beside the SVC lies above it but is narrower.
-        # Of the structures at least _NEAR_WIDEST as wide as the widest, take the most superior run
-        # of slices, and in it the slice where the structure is widest.
+        if near:
+            best = max(near, key=lambda w: w[0])
+    if best is None and wide:
+        # No trachea (or nothing wide near it): the left atrium with its veins and a dilated right
+        # ventricle are about as wide, but lie below the bifurcation; the ascending aorta beside the
+        # SVC lies above it but is narrower. Of the structures at least _NEAR_WIDEST as wide as the
+        # widest, take the most superior run of slices, and in it the slice where it is widest.
         widest = max(w[0] for w in wide)
         wide = [w for w in wide if w[0] >= _NEAR_WIDEST * widest]
         order = sorted({w[1] for w in wide}, key=lambda k: -headwards * float(positions[k]))
@@ -413,13 +416,16 @@ def _find_trunk(volume: Volume, lungs: _Lungs) -> _Trunk:
         return _Trunk(None, None, brightest_vessel if brightest_vessel is not None else brightest_any, note)
     _, k, mask, image = best
     # The ascending aorta and the SVC lie to the right of the trunk and may touch it: measure the
-    # patient-left half of the structure (left pulmonary artery and the trunk's left side).
+    # patient-left part of the structure (the left pulmonary artery and the trunk's left side).
     rows_idx, cols_idx = np.nonzero(mask)
-    middle = 0.5 * (cols_idx.min() + cols_idx.max())
-    left_is_up = float(volume.orientation[0]) >= 0.0  # columns run towards the patient's left
-    half = mask & ((np.arange(mask.shape[1]) >= middle) if left_is_up else (np.arange(mask.shape[1]) <= middle))[None, :]
-    if half.sum() >= 8:
-        mask = half
+    span = float(cols_idx.max() - cols_idx.min())
+    columns = np.arange(mask.shape[1])[None, :]
+    if float(volume.orientation[0]) >= 0.0:  # columns run towards the patient's left
+        part = mask & (columns >= cols_idx.max() - _LEFT_PART * span)
+    else:
+        part = mask & (columns <= cols_idx.min() + _LEFT_PART * span)
+    if part.sum() >= 8:
+        mask = part
     rows_idx, cols_idx = np.nonzero(mask)
     centre = volume.patient_position(float(k), float(rows_idx.mean() * stride), float(cols_idx.mean() * stride))
     return _Trunk(

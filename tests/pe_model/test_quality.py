@@ -142,7 +142,7 @@ def test_noise_follows_the_noise_drawn_on_both_generators(tmp_path: Path) -> Non
 
 
 def test_noise_too_high_for_the_contrast_fails(tmp_path: Path) -> None:
-    report = assess_quality(_heldout(tmp_path, "s", pulmonary_artery_hu=280.0, noise_hu=90.0))
+    report = assess_quality(_heldout(tmp_path, "s", pulmonary_artery_hu=270.0, noise_hu=130.0))
     assert report.contrast_to_noise is not None and report.contrast_to_noise < 5.0
     assert any(r.startswith("contrast-to-noise") for r in report.reasons)
     relaxed = assess_quality(load_series(tmp_path / "s"), QualityThresholds(min_cnr=0.5))
