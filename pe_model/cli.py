@@ -1,8 +1,9 @@
-"""``python -m pe_model`` / ``pe-model``: the model's prediction for one series, and a benchmark.
+"""``python -m pe_model`` / ``pe-model``: the model's prediction for one series.
 
 ``predict DIR [--checkpoint X] [--device cpu] [--json]`` prints a readable summary or, with
-``--json``, ``Prediction.to_json_dict()``. A series or checkpoint that cannot be used exits with
-code 2 and one line on stderr.
+``--json``, ``Prediction.to_json_dict()``. ``import-seed --stage1 A.pth --stage2 B.pth --out M.pt
+[--seq-model tcn|gru]`` turns the authors' two state dicts into a checkpoint (pe_model.seed_import).
+A series, checkpoint or state dict that cannot be used exits with code 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -50,21 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     predict.add_argument("--verbose", action="store_true", help="log progress on stderr")
 
-    bench = commands.add_parser("benchmark", help="time predict on a synthetic phantom")
-    bench.add_argument("--slices", type=int, default=400)
-    bench.add_argument("--size", type=int, default=512, help="rows and columns")
-    bench.add_argument("--spacing", type=float, default=0.7, help="pixel and slice spacing, mm")
-    source = bench.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default=None, help="checkpoint to time (default: random init)")
-    source.add_argument("--width", type=int, default=64, help="encoder width of a random-init model")
-    bench.add_argument("--input-size", type=int, default=192, help="input size of a random-init model")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--repeats", type=int, default=2, help="predict runs (the first is cold)")
-    bench.add_argument("--gradcam-top-k", type=int, default=3)
-    bench.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    bench.add_argument("--batch-size", type=int, default=None)
-    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    bench.add_argument("--json", action="store_true")
+    seed = commands.add_parser(
+        "import-seed", help="write a checkpoint from the seed's stage-1 and stage-2 state dicts"
+    )
+    seed.add_argument("--stage1", type=Path, required=True, help="torchvision r3d_18 state dict, fc = Linear(512, 1)")
+    seed.add_argument("--stage2", type=Path, required=True, help="PEFeatureSequentialNet state dict")
+    seed.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
+    seed.add_argument("--seq-model", choices=("tcn", "gru"), default=None,
+                      help="stage-2 kind (default: read from the state dict's keys)")
+    seed.add_argument("--name", default="pe-detection-seed", help="model name on every output")
     return parser
 
 
@@ -155,28 +150,16 @@ def _predict(args: argparse.Namespace, stdout: TextIO) -> int:
     return EXIT_OK
 
 
-def _benchmark(args: argparse.Namespace, stdout: TextIO) -> int:
-    from pe_model.benchmark import BenchmarkSpec, print_benchmark, run_benchmark
+def _import_seed(args: argparse.Namespace, stdout: TextIO) -> int:
+    from pe_model.seed_import import import_seed
 
-    spec = BenchmarkSpec(
-        slices=args.slices,
-        size=args.size,
-        spacing_mm=args.spacing,
-        checkpoint=args.checkpoint,
-        width=args.width,
-        input_size=args.input_size,
-        device=args.device,
-        repeats=args.repeats,
-        gradcam_top_k=args.gradcam_top_k,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        threads=args.threads,
+    imported = import_seed(args.stage1, args.stage2, args.out, seq_model=args.seq_model, name=args.name)
+    sequence = imported.model_config.sequence
+    stdout.write(
+        f"{imported.path} sha256={imported.sha256} (stage 1 r3d_18 width {imported.model_config.encoder_width}; "
+        f"stage 2 {sequence.kind} hidden {sequence.hidden} levels {sequence.levels} seq_len {sequence.seq_len}; "
+        "seed preprocessing)\n"
     )
-    result = run_benchmark(spec)
-    if args.json:
-        stdout.write(json.dumps(result.to_json_dict(), indent=2) + "\n")
-    else:
-        print_benchmark(result, Console(file=stdout, width=120))
     return EXIT_OK
 
 
@@ -186,9 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout, stderr = sys.stdout, sys.stderr
     with _cli_logging(bool(getattr(args, "verbose", False)), stderr):
         try:
-            if args.command == "predict":
-                return _predict(args, stdout)
-            return _benchmark(args, stdout)
+            if args.command == "import-seed":
+                return _import_seed(args, stdout)
+            return _predict(args, stdout)
         except PEModelError as error:
             stderr.write(f"pe-model: error: {_one_line(error)}\n")
             return EXIT_UNUSABLE_INPUT
