@@ -11,17 +11,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from pacs_agent.cli import main
+from pacs_agent.analysis.worker import EXIT_OK, run_worker
 from pacs_agent.db.models import Flag, Instance, Job, Result, Series, SeriesState, Study
 from pacs_agent.db.session import transaction
-from pacs_agent.logging import PATIENT_VALUES, configure_logging
-from pacs_agent.queue import enqueue_job
+from pacs_agent.jobs.queue import enqueue_job
+from pacs_agent.logs import PATIENT_VALUES, configure_logging
+from pacs_agent.node.cli import main
 from pacs_agent.settings import LogSettings
-from pacs_agent.worker import EXIT_OK, run_worker
 from pacs_agent.worklist import flag_for
 from phantoms.heldout import HeldoutSpec, HeldoutTruth, write_heldout_series
-
-from .conftest import MigratedDB
+from tests.support.settings import MigratedDB
 
 
 def _ingest(db: MigratedDB, source: Path, pulmonary_artery_hu: float) -> tuple[Series, HeldoutTruth]:
