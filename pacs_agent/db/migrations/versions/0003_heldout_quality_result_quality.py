@@ -1,7 +1,7 @@
 """Results keep the input-quality gate's report (pe_model.quality): a JSON column ``quality``.
 
-Revision ID: 0002_hq_result_quality
-Revises: 0001_initial
+Revision ID: 0003_hq_result_quality
+Revises: 0002_alerts_admin_notifications
 Create Date: 2026-12-05 08:50:00
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_hq_result_quality"
-down_revision: str | Sequence[str] | None = "0001_initial"
+revision: str = "0003_hq_result_quality"
+down_revision: str | Sequence[str] | None = "0002_alerts_admin_notifications"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
