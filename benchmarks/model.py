@@ -34,7 +34,7 @@ from phantoms import PhantomSpec, write_phantom_series
 from pe_model.predictor import Predictor
 from pe_model.preprocessing import PreprocessConfig
 
-STAGES: tuple[str, ...] = ("load", "preprocess", "stage1", "stage2", "gradcam", "total")
+STAGES: tuple[str, ...] = ("load", "quality", "preprocess", "stage1", "stage2", "gradcam", "total")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Flags, from the final consistent labels:
 - CRITICAL: PE and (RV/LV >= 1 or central PE);
 - HIGH: PE;
 - REVIEW: no PE, but the exam is indeterminate or the PE probability is within ``review_margin`` of 0.5;
-- ROUTINE: no PE, confidently;
+  and every series the input-quality gate (``pe_model.quality``) calls non-diagnostic, whatever the
+  model said: its answer cannot be trusted either way, so a human reads it;
+- ROUTINE: no PE, confidently, on a series that passed the gate (or whose quality is unverified);
 - ERROR: the analysis failed for good — a human must read the study.
 A positive near the threshold stays HIGH/CRITICAL: the more urgent flag wins, never a quieter one.
 """
@@ -62,8 +64,23 @@ def _finding(finding: Prediction | Result) -> tuple[bool, float, Mapping[str, An
     return bool(finding.pe_present), float(finding.series_pe_probability), finding.labels
 
 
+def non_diagnostic_reason(finding: Prediction | Result) -> str | None:
+    """The gate's "non-diagnostic: <reasons with values>" line, or None when the series passed
+    (or was analysed before the gate existed)."""
+    if isinstance(finding, Result):
+        quality: Mapping[str, Any] = finding.quality or {}
+        if quality.get("status") == "non-diagnostic":
+            return str(quality.get("summary") or "non-diagnostic")
+        return None
+    if finding.quality is not None and not finding.quality.passed:
+        return finding.quality.summary
+    return None
+
+
 def flag_for(finding: Prediction | Result, review_margin: float) -> Flag:
     """The worklist flag of one analysed series (a Prediction, or the Result stored from one)."""
+    if non_diagnostic_reason(finding) is not None:
+        return Flag.REVIEW
     pe_present, probability, labels = _finding(finding)
     if pe_present:
         if labels.get("rv_lv_ratio_gte_1") or labels.get("central_pe"):
@@ -75,7 +92,14 @@ def flag_for(finding: Prediction | Result, review_margin: float) -> Flag:
 
 
 def summarize(finding: Prediction | Result) -> str:
-    """One line for the worklist, e.g. "PE (p=0.93): central, right; RV/LV >= 1; acute"."""
+    """One line for the worklist, e.g. "PE (p=0.93): central, right; RV/LV >= 1; acute", or for a
+    series the gate failed "non-diagnostic: pulmonary trunk 62 HU < 250 HU; model: no PE (p=0.08)"."""
+    reason = non_diagnostic_reason(finding)
+    model = _model_summary(finding)
+    return model if reason is None else f"{reason}; model: {model}"
+
+
+def _model_summary(finding: Prediction | Result) -> str:
     pe_present, probability, labels = _finding(finding)
     if not pe_present:
         kind = "indeterminate exam" if labels.get("indeterminate") else "no PE"

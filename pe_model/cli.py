@@ -97,6 +97,8 @@ def _print_summary(prediction: Prediction, console: Console) -> None:
         f"model {model.name} {model.version} (sha256 {model.sha256[:12]}); unverified AI output"
         + ("; NOT FOR CLINICAL USE" if model.not_for_clinical_use else "")
     )
+    if prediction.quality is not None:
+        console.print(f"input quality: {prediction.quality.summary}")
     labels = Table(title="Exam labels (consistent)")
     labels.add_column("label")
     labels.add_column("probability", justify="right")

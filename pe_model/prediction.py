@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pe_model.labels import EXAM_LABELS, SERIES_PE_KEY
+
+if TYPE_CHECKING:  # pe_model.quality pulls in scipy and pydicom; importing pe_model stays light
+    from pe_model.quality import QualityReport
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class Prediction:
     #: other sizes or orientations, implausible header or pixel values (``pe_model.volume``). A report
     #: must say the analysis did not see them.
     skipped_images: tuple[tuple[str, str], ...] = field(default=())
+    #: The input-quality gate's measurements and verdict (pe_model.quality); None when not run.
+    quality: QualityReport | None = None
 
     @property
     def series_pe_probability(self) -> float:
@@ -114,4 +119,5 @@ class Prediction:
             "skipped_images": [{"sop_instance_uid": uid, "reason": reason} for uid, reason in self.skipped_images],
             "model": self.model.to_json_dict(),
             "timings_s": {k: round(float(v), 4) for k, v in self.timings_s.items()},
+            "quality": None if self.quality is None else self.quality.to_json_dict(),
         }

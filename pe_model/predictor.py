@@ -1,7 +1,8 @@
 """The Predictor: one CT series in, a consistent Prediction with key images and Grad-CAM out.
 
-Flow per series: load (DICOM -> HU Volume) -> preprocess (isotropic, lung crop, windows, chunks)
--> stage 1 (R3D-18 features and layer4 maps of every chunk) -> stage 2 (sequence model: nine
+Flow per series: load (DICOM -> HU Volume) -> input-quality gate (pe_model.quality: trunk
+attenuation, lung coverage, slice thickness, noise) -> preprocess (isotropic, lung crop, windows,
+chunks) -> stage 1 (R3D-18 features and layer4 maps of every chunk) -> stage 2 (sequence model: nine
 exam probabilities, per-chunk PE probabilities, attention) -> consistency correction -> Grad-CAM
 of the top chunks from the kept layer4 maps -> key images and heatmaps on the source pixel grid.
 
@@ -44,6 +45,7 @@ from pe_model.networks.sequence import SequenceModel, fit_sequence, restore_sequ
 from pe_model.prediction import Heatmap, KeyImage, ModelInfo, Prediction
 from pe_model.preprocessing import PreprocessConfig, PreprocessedSeries, preprocess
 from pe_model.validation import DEFAULT_LIMITS, SeriesLimits, check_resampled_size
+from pe_model.quality import assess_quality
 from pe_model.volume import Volume, load_series
 
 log = structlog.get_logger(__name__)
@@ -267,6 +269,10 @@ class Predictor:
             self.preprocess_config.spacing_mm, self.limits,
         )
         mark = time.perf_counter()
+        quality = assess_quality(volume)
+        timings["quality"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
         prepared = preprocess(volume, self.preprocess_config)
         timings["preprocess"] = time.perf_counter() - mark
 
@@ -311,6 +317,7 @@ class Predictor:
             timings_s=timings,
             source_sop_instance_uids=_unique(volume.sop_instance_uids),
             skipped_images=tuple(volume.skipped),
+            quality=quality,
         )
         log.info(
             "pe_model.predicted",
@@ -319,6 +326,7 @@ class Predictor:
             skipped_images=len(volume.skipped),
             pe_present=prediction.pe_present,
             consistency=consistent.chosen,
+            quality=quality.status,
             model_sha256=self.model_info.sha256[:12],
             timings_s={k: round(v, 3) for k, v in timings.items()},
         )

@@ -143,6 +143,7 @@ class WorkerContext:
                     model_name=prediction.model.name,
                     model_version=prediction.model.version,
                     model_sha256=prediction.model.sha256,
+                    quality={} if prediction.quality is None else prediction.quality.to_json_dict(),
                 )
             )
             session.flush()
@@ -152,6 +153,7 @@ class WorkerContext:
                 raise LeaseLostError(f"job {claimed.job_id} vanished")
             queue_deliveries(session, job, outcome.produced, self.settings.destinations, self.spool_root)
         log.info("job_succeeded", flag=flag.value, pe_probability=round(float(prediction.series_pe_probability), 4),
+                 quality=None if prediction.quality is None else prediction.quality.status,
                  outputs=len(outcome.produced), seconds=round(seconds, 2))
 
     def run_job(self, run: _JobRun) -> None:

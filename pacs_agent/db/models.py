@@ -209,6 +209,11 @@ class Result(Base):
     model_name: Mapped[str] = mapped_column(String(128), default="")
     model_version: Mapped[str] = mapped_column(String(64), default="")
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    #: The input-quality gate's report (``pe_model.quality.QualityReport.to_json_dict()``): status
+    #: ("adequate", "non-diagnostic", "unverified"), summary, reasons, and the measurements
+    #: (pulmonary_trunk_hu, lung_apex_covered, lung_base_covered, slice_thickness_mm, noise_hu, ...).
+    #: Empty for results stored before the gate existed.
+    quality: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="result")

@@ -64,13 +64,18 @@ def job_dict(job: Job) -> dict[str, Any]:
 
 
 def result_dict(result: Result | None) -> dict[str, Any] | None:
+    """A stored result; ``summary`` is the worklist line ("non-diagnostic: ..." when the input-quality
+    gate failed the series) and ``quality`` the gate's report (empty for results from before it)."""
     if result is None:
         return None
+    from pacs_agent.worklist import summarize
+
     return {
         "flag": result.flag.value,
+        "summary": summarize(result),
         **_columns(result, "pe_present pe_probability probabilities labels key_images skipped_images"),
         "model": {"name": result.model_name, "version": result.model_version, "sha256": result.model_sha256},
-        **_columns(result, "timings_s created_at"),
+        **_columns(result, "timings_s quality created_at"),
     }
 
 

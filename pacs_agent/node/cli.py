@@ -339,6 +339,8 @@ def _render_show(data: dict[str, Any]) -> None:
         if skipped:
             _table("Images left out of the analysis", ["job", "SOP Instance UID", "reason"],
                    [[job_id, item["sop_instance_uid"], item["reason"]] for job_id, item in skipped])
+        for j in jobs:
+            _render_quality(j["id"], j["result"])
         deliveries = [(j["id"], o, d) for j in jobs for o in j["outputs"] for d in o["deliveries"]]
         if deliveries:
             _table("Deliveries", ["id", "job", "kind", "destination", "status", "attempts", "DICOM status", "error"],
@@ -352,6 +354,35 @@ def _render_show(data: dict[str, Any]) -> None:
 
 def _fmt_p(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
+
+
+#: Measurements of the input-quality gate shown by `show`, with their units.
+_QUALITY_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("pulmonary_trunk_hu", "pulmonary trunk", "HU"),
+    ("brightest_mediastinal_hu", "brightest mediastinal structure", "HU"),
+    ("lung_apex_covered", "lung apex covered", ""),
+    ("lung_base_covered", "lung bases covered", ""),
+    ("lung_extent_mm", "lung extent", "mm"),
+    ("slice_thickness_mm", "slice thickness", "mm"),
+    ("max_slice_gap_mm", "largest slice spacing", "mm"),
+    ("noise_hu", "image noise (SD)", "HU"),
+    ("contrast_to_noise", "trunk contrast-to-noise", ""),
+)
+
+
+def _render_quality(job_id: int, result: dict[str, Any] | None) -> None:
+    """The result line and the input-quality gate's measurements of one job (nothing without a result)."""
+    if not result:
+        return
+    quality = result.get("quality") or {}
+    typer.echo(f"Job {job_id} result: {result.get('summary', '')}")
+    if not quality:
+        typer.echo("  input quality: not measured (analysed before the quality gate existed)")
+        return
+    typer.echo(f"  input quality: {quality.get('status', '')} - {quality.get('summary', '')}")
+    rows = [[label, "not measured" if quality.get(key) is None else f"{quality[key]}{' ' + unit if unit else ''}"]
+            for key, label, unit in _QUALITY_ROWS]
+    _table(f"Input quality (job {job_id})", ["measurement", "value"], rows)
 
 
 @app.command()

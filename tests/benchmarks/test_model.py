@@ -29,7 +29,7 @@ def test_benchmark_reports_every_stage_and_peak_rss(
     result = json.loads(out)
     assert len(result["runs"]) == 2
     for run in result["runs"]:
-        assert set(run) == {"load", "preprocess", "stage1", "stage2", "gradcam", "total"}
+        assert set(run) == {"load", "quality", "preprocess", "stage1", "stage2", "gradcam", "total"}
         assert run["total"] >= run["stage1"] >= 0.0
     assert result["chunks"] >= 1
     assert result["peak_rss_mb"] > 50

@@ -42,7 +42,7 @@ def test_predict_json_has_the_documented_fields(
     assert {k["sop_instance_uid"] for k in result["key_images"]} <= set(truth.sop_instance_uids)
     assert {"name", "version", "sha256", "intended_use"} <= set(result["model"])
     assert len(result["model"]["sha256"]) == 64
-    assert set(result["timings_s"]) == {"load", "preprocess", "stage1", "stage2", "gradcam", "total"}
+    assert set(result["timings_s"]) == {"load", "quality", "preprocess", "stage1", "stage2", "gradcam", "total"}
     assert result["pe_present"] == (result["probabilities"][SERIES_PE_KEY] > 0.5)
 
 

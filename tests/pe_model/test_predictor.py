@@ -22,7 +22,7 @@ from pe_model.volume import load_series
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-STAGES = ("load", "preprocess", "stage1", "stage2", "gradcam", "total")
+STAGES = ("load", "quality", "preprocess", "stage1", "stage2", "gradcam", "total")
 
 
 @pytest.fixture(scope="module")
