@@ -270,8 +270,8 @@ def run(
 def demo_checkpoint(
     out: Annotated[Path, typer.Option("--out", help="where to write the checkpoint")] = Path("pe_model/data/demo.pt"),
     work_dir: Annotated[Path, typer.Option("--work-dir")] = Path("build/demo-checkpoint"),
-    n_train: Annotated[int, typer.Option("--n-train", help="training phantom series")] = 160,
-    n_eval: Annotated[int, typer.Option("--n-eval", help="unseen phantom series to judge the model")] = 48,
+    n_train: Annotated[int, typer.Option("--n-train", help="training phantom series")] = 200,
+    n_eval: Annotated[int, typer.Option("--n-eval", help="unseen phantom series to judge the model")] = 40,
     seed: Annotated[int, typer.Option("--seed")] = 2026,
     workers: Annotated[int, typer.Option("--workers")] = 2,
     force: Annotated[bool, typer.Option("--force", help="write even if a threshold is missed")] = False,

@@ -27,12 +27,12 @@ from training.distributed import DistributedContext
 from training.errors import DemoQualityError
 from training.metrics import auroc
 from training.pipeline import RunPaths, package, preset, run_pipeline
-from training.synthetic import PhantomRecord, demo_specs, read_phantom_truth, write_synthetic_dataset
+from training.synthetic import PhantomRecord, randomised_specs, read_phantom_truth, write_synthetic_dataset
 
 log = structlog.get_logger(__name__)
 
 DEMO_NAME = "pe-triage-demo"
-DEMO_VERSION = "1.0.0"
+DEMO_VERSION = "2.0.0"
 DEMO_INTENDED_USE = (
     "demonstration and testing only — trained on synthetic phantoms — NOT FOR CLINICAL USE"
 )
@@ -63,6 +63,8 @@ class DemoEvaluation:
     gradcam_hit_rate: float
     gradcam_median_distance_mm: float
     seconds_per_series: float
+    #: Positives whose RV/LV >= 1 call (consistent labels) matches the phantom's ratio.
+    rv_lv_accuracy: float = float("nan")
     per_series: tuple[dict[str, Any], ...] = field(default=())
 
     def passes(self, thresholds: DemoThresholds) -> list[str]:
@@ -86,6 +88,7 @@ class DemoEvaluation:
             "side_exact_accuracy": round(self.side_exact_accuracy, 4),
             "gradcam_within_15mm": round(self.gradcam_hit_rate, 4),
             "gradcam_median_distance_mm": round(self.gradcam_median_distance_mm, 2),
+            "rv_lv_accuracy": round(self.rv_lv_accuracy, 4),
         }
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -109,6 +112,7 @@ def evaluate_with_predictor(checkpoint: str | Path, records: list[PhantomRecord]
     side_hits: list[bool] = []
     side_exact: list[bool] = []
     cam_distances: list[float] = []
+    rv_lv_hits: list[bool] = []
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for record in tqdm(records, desc="judge demo", unit="series", disable=not progress):
@@ -126,6 +130,10 @@ def evaluate_with_predictor(checkpoint: str | Path, records: list[PhantomRecord]
             side_hits.append(top_side in planted)
             side_exact.append(predicted_sides == planted)
             row.update(planted_sides=planted, predicted_sides=predicted_sides, top_side=top_side)
+            if record.rv_lv_ratio is not None:
+                called = bool(prediction.labels["rv_lv_ratio_gte_1"])
+                rv_lv_hits.append(called == (record.rv_lv_ratio >= 1.0))
+                row.update(rv_lv_ratio=record.rv_lv_ratio, rv_lv_gte_1_called=called)
             distance = math.inf
             if prediction.heatmaps and record.clot_centers_patient_mm:
                 peak = np.asarray(prediction.heatmaps[0].peak_position_patient, dtype=np.float64)
@@ -146,6 +154,7 @@ def evaluate_with_predictor(checkpoint: str | Path, records: list[PhantomRecord]
         gradcam_hit_rate=float(np.mean([d <= radius_mm for d in cam_distances])) if cam_distances else float("nan"),
         gradcam_median_distance_mm=float(np.median(finite)) if finite else float("nan"),
         seconds_per_series=seconds,
+        rv_lv_accuracy=float(np.mean(rv_lv_hits)) if rv_lv_hits else float("nan"),
         per_series=tuple(rows),
     )
 
@@ -154,7 +163,7 @@ def demo_card(n_train: int, evaluation: DemoEvaluation | None) -> ModelCard:
     return ModelCard(
         name=DEMO_NAME,
         version=DEMO_VERSION,
-        training_data=f"synthetic CTPA phantoms (phantoms), {n_train} series",
+        training_data=f"domain-randomised synthetic CTPA phantoms (phantoms.randomised), {n_train} series",
         intended_use=DEMO_INTENDED_USE,
         metrics=evaluation.card_metrics() if evaluation is not None else {},
         not_for_clinical_use=True,
@@ -167,8 +176,8 @@ def build_demo_checkpoint(
     out_path: str | Path,
     *,
     context: DistributedContext,
-    n_train: int = 160,
-    n_eval: int = 48,
+    n_train: int = 200,
+    n_eval: int = 40,
     seed: int = 2026,
     workers: int = 2,
     thresholds: DemoThresholds = DemoThresholds(),
@@ -184,9 +193,10 @@ def build_demo_checkpoint(
     work = Path(work_dir)
     train_dir, eval_dir = work / "phantoms-train", work / "phantoms-eval"
     if not (train_dir / "train.csv").is_file():
-        write_synthetic_dataset(train_dir, demo_specs(n_train, seed=seed), workers=workers, progress=progress)
+        write_synthetic_dataset(train_dir, randomised_specs(n_train, seed=seed), workers=workers, progress=progress)
     if not (eval_dir / "train.csv").is_file():
-        write_synthetic_dataset(eval_dir, demo_specs(n_eval, seed=seed + 1), workers=workers, progress=progress)
+        write_synthetic_dataset(eval_dir, randomised_specs(n_eval, seed=seed + 1), workers=workers,
+                                progress=progress)
     settings = preset("demo")
     settings = type(settings)(**{**settings.__dict__, "cache_workers": workers})
     run = RunPaths(work / "run")
