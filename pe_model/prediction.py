@@ -84,6 +84,8 @@ class Prediction:
     timings_s: dict[str, float]
     #: SOP Instance UIDs of every image the volume was built from (the evidence).
     source_sop_instance_uids: tuple[str, ...] = field(default=())
+    #: The arithmetic the model ran in: "fp32" or "bf16" (pe_model.precision).
+    precision: str = "fp32"
 
     @property
     def series_pe_probability(self) -> float:
@@ -108,5 +110,6 @@ class Prediction:
             ],
             "chunk_probabilities": [round(float(p), 6) for p in self.chunk_probabilities],
             "model": self.model.to_json_dict(),
+            "precision": self.precision,
             "timings_s": {k: round(float(v), 4) for k, v in self.timings_s.items()},
         }
