@@ -127,7 +127,7 @@ class Scene:
     hu: dict[str, float] = field(default_factory=dict)
 
 
-def _unit(v: Sequence[float]) -> np.ndarray:
+def _unit(v: Sequence[float] | np.ndarray) -> np.ndarray:
     a = np.asarray(v, dtype=np.float64)
     n = float(np.linalg.norm(a))
     return a / n if n > 0 else np.array([0.0, 0.0, 1.0])
@@ -146,7 +146,7 @@ def _frame(d: np.ndarray, u: np.ndarray) -> tuple[tuple[float, float, float], ..
     """Rotation whose columns are (u, d x u, d): axis 0 toward the wall, axis 2 along the vessel."""
     v = np.cross(d, u)
     m = np.stack([u, v, d], axis=1)
-    return tuple(tuple(float(c) for c in row) for row in m)  # type: ignore[return-value]
+    return tuple((float(row[0]), float(row[1]), float(row[2])) for row in m)
 
 
 def _p(v: np.ndarray | Sequence[float]) -> Point3:
@@ -241,8 +241,8 @@ def build_scene(spec: RandomisedSpec, scan_z: tuple[float, float]) -> Scene:
     layers.append(Layer(body, hu_fat, 6.0))
     layers.append(Layer(inner_wall, hu_soft, 8.0))
     if not spec.arms_up:
-        for side in (-1.0, 1.0):
-            ax = side * (a + float(rng.uniform(20.0, 45.0)))
+        for lateral in (-1.0, 1.0):
+            ax = lateral * (a + float(rng.uniform(20.0, 45.0)))
             ay = float(rng.uniform(-0.2, 0.3)) * b
             arm_a, arm_b = float(rng.uniform(30.0, 45.0)), float(rng.uniform(35.0, 55.0))
             layers.append(Layer(Column(z_bottom, z_top, (ax, ay), (ax, ay), (arm_a, arm_b), (arm_a, arm_b)), hu_soft, 8.0))
@@ -260,7 +260,7 @@ def build_scene(spec: RandomisedSpec, scan_z: tuple[float, float]) -> Scene:
     # -- lungs ----------------------------------------------------------------------------------
     lung_z_mid = carina_z + 0.5 * (apex_above - base_below)
     right_drop = float(rng.uniform(0.0, 20.0))
-    lungs = {}
+    lungs: dict[str, Ellipsoid] = {}
     for side, sign in (("right", -1.0), ("left", 1.0)):
         cx = sign * a_in * float(rng.uniform(0.44, 0.52))
         e = Ellipsoid((cx, float(rng.uniform(-0.02, 0.12)) * b_in, lung_z_mid - (0.0 if side == "right" else right_drop) / 2.0),

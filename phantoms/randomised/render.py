@@ -23,8 +23,8 @@ HU_MIN = -1024
 HU_MAX = 3071
 #: A slice shows a clot when some pixel is at least this much clot (partial volume).
 CLOT_FRACTION_ON_SLICE = 0.5
-#: Planes per millimetre of slice thickness (at least one per slice, at most 6).
-_PLANES_PER_MM = 1.0
+#: Planes per millimetre of slice thickness (at least one per slice, at most 6), each with a sub-pixel soft edge.
+_PLANES_PER_MM = 0.7
 _TEXTURE_STEP_MM = 5.0
 
 
