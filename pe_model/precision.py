@@ -90,12 +90,13 @@ def native_bf16(device: torch.device, flags: frozenset[str] | None = None) -> tu
 def self_check_chunks(config: PreprocessConfig) -> Tensor:
     """The built-in phantom, preprocessed as the model expects: chunks (N, 3, D, S, S) uint8.
 
-    A 64 x 64 x 48 ``phantoms.ctpa`` series (2.6 mm pixels, 2.5 mm slices) with central and
+    A 64 x 64 x 32 ``phantoms.ctpa`` series (2.6 mm pixels, 2.5 mm slices; the anatomy is scaled
+    to the scan, so the whole chest is there in about 8 chunks) with central and
     right-sided clots and an RV/LV ratio of 1.3: a positive exam with every kind of label set.
     """
     from phantoms import PhantomSpec, generate_volume
 
-    spec = PhantomSpec(n_slices=48, rows=64, columns=64, locations=("central", "right"), rv_lv_ratio=1.3,
+    spec = PhantomSpec(n_slices=32, rows=64, columns=64, locations=("central", "right"), rv_lv_ratio=1.3,
                        seed=20261205, patient_id="SELF-CHECK")
     voxels, geometry, _ = generate_volume(spec)
     positions = np.asarray(geometry.image_positions_patient, dtype=np.float64)
