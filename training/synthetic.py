@@ -81,10 +81,11 @@ class PhantomRecord:
 
 AnySpec = PhantomSpec | RandomisedSpec
 
-#: What the demo model trains on: the CTPA ranges of ``phantoms.randomised``, but pixels from 0.9 to
-#: 2.2 mm (coarse matrices are cheap to make on 2 CPU cores and teach the model low-resolution
-#: series too; the preprocessing resamples everything to 1 mm) and slices 1.5 to 3 mm thick.
-DEMO_TRAINING_RANGES = AcquisitionRanges(pixel_spacing_mm=(0.9, 2.2), slice_thickness_mm=(1.5, 3.0))
+#: What the demo model trains on: the CTPA ranges of ``phantoms.randomised``, but pixels from 1.0 to
+#: 3.0 mm and slices 2 to 3 mm thick. Coarse matrices (such as 128 x 128 over a whole chest) are
+#: cheap to draw on 2 CPU cores and teach the model low-resolution series too; the preprocessing
+#: resamples every series to 1 mm anyway.
+DEMO_TRAINING_RANGES = AcquisitionRanges(pixel_spacing_mm=(1.0, 3.0), slice_thickness_mm=(2.0, 3.0))
 
 
 def _csv_rows(truth: PhantomTruth | RandomisedTruth) -> list[dict[str, str]]:
