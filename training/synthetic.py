@@ -4,7 +4,7 @@ Either generation: ``phantoms.PhantomSpec`` (first, ``phantoms.ctpa``) or
 ``phantoms.randomised.RandomisedSpec`` (second, domain-randomised; what the demo model trains on).
 
 ``train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` plus a ``train.csv`` with
-all 17 columns and labels consistent per SEED.md, so the real pipeline runs on it unchanged.
+all 17 columns and labels consistent per docs/METHOD.md, so the real pipeline runs on it unchanged.
 A ``phantom_truth.json`` beside it keeps what the CSV cannot say (clot centres in patient mm)
 for the demo's localisation check; the pipeline itself never reads it.
 """
