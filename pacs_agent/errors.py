@@ -29,3 +29,11 @@ class ReportError(AgentError):
 
 class DeliveryError(AgentError):
     """A C-STORE to a destination failed."""
+
+
+class ReceiverError(AgentError):
+    """The receiver cannot start (port in use, TLS files unreadable)."""
+
+
+class NotificationError(AgentError):
+    """A notification cannot be raised, sent or acknowledged (unknown study, bad link, bad target)."""

@@ -104,7 +104,7 @@ def test_model_precision_reaches_the_predictor(tiny_checkpoint: Path, precision:
     with native bf16 (the tiny model passes the self-check), fp32 on any other CPU."""
     import torch
 
-    from pacs_agent.analyze import load_predictor
+    from pacs_agent.analysis.pipeline import load_predictor
     from pe_model.precision import native_bf16
 
     if resolved == "native":
