@@ -134,7 +134,8 @@ class ModelSettings:
     #: Below this distance from 0.5 a decision is flagged REVIEW (low confidence).
     review_margin: float = 0.1
     torch_threads: int = 0
-    #: Inference precision: "auto" (pe_model's choice: bf16 autocast on CUDA, fp32 on CPU), "fp32" or
+    #: Inference precision: "auto" (pe_model.precision: bf16 on CUDA and native-bf16 CPUs after a
+    #: self-check, else fp32), "fp32" or
     #: "bf16" (also on CPUs with native bf16, about 2x faster there).
     precision: str = "auto"
 

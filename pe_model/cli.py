@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--gradcam-top-k", type=int, default=3, help="chunks explained by Grad-CAM")
     predict.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), default="auto",
-        help="auto: bf16 autocast on CUDA, fp32 on CPU",
+        help="auto: bf16 on CUDA and on CPUs with native bf16 after a self-check, else fp32",
     )
     predict.add_argument("--batch-size", type=int, default=None, help="chunks per stage-1 pass")
     predict.add_argument("--json", action="store_true", help="print one JSON object")

@@ -93,6 +93,8 @@ class Prediction:
     skipped_images: tuple[tuple[str, str], ...] = field(default=())
     #: The input-quality gate's measurements and verdict (pe_model.quality); None when not run.
     quality: QualityReport | None = None
+    #: The arithmetic the model ran in: "fp32" or "bf16" (pe_model.precision).
+    precision: str = "fp32"
 
     @property
     def series_pe_probability(self) -> float:
@@ -118,6 +120,7 @@ class Prediction:
             "chunk_probabilities": [round(float(p), 6) for p in self.chunk_probabilities],
             "skipped_images": [{"sop_instance_uid": uid, "reason": reason} for uid, reason in self.skipped_images],
             "model": self.model.to_json_dict(),
+            "precision": self.precision,
             "timings_s": {k: round(float(v), 4) for k, v in self.timings_s.items()},
             "quality": None if self.quality is None else self.quality.to_json_dict(),
         }

@@ -42,6 +42,7 @@ from pe_model.gradcam import grad_cam_from_maps
 from pe_model.labels import EXAM_LABELS, SERIES_PE_KEY
 from pe_model.networks.r3d18 import R3D18, to_network_input
 from pe_model.networks.sequence import SequenceModel, fit_sequence, restore_sequence
+from pe_model.precision import PRECISIONS, Answer, PrecisionDecision, choose_precision
 from pe_model.prediction import Heatmap, KeyImage, ModelInfo, Prediction
 from pe_model.preprocessing import PreprocessConfig, PreprocessedSeries, preprocess
 from pe_model.validation import DEFAULT_LIMITS, SeriesLimits, check_resampled_size
@@ -51,7 +52,6 @@ from pe_model.volume import Volume, load_series
 log = structlog.get_logger(__name__)
 
 SeriesInput = str | Path | Sequence[str | Path] | Sequence[Dataset] | Volume
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
 class DeviceError(PEModelError):
@@ -157,9 +157,12 @@ class Predictor:
         self.sequence_model: SequenceModel = checkpoint.build_sequence_model().to(self.device)
         # Keep the identity and configuration, not a second copy of the weights.
         self.checkpoint = dataclasses.replace(checkpoint, encoder_state={}, sequence_state={})
-        use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.precision = "bf16" if use_bf16 else "fp32"
-        self._autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self._autocast_dtype: torch.dtype | None = None
+        # "auto": bf16 only on native-bf16 hardware and after a self-check (pe_model.precision).
+        self.precision_decision: PrecisionDecision = choose_precision(
+            precision, self.device, self._answer, self.preprocess_config)
+        self.precision: str = self.precision_decision.precision
+        self._autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
 
     @classmethod
     def from_checkpoint(
@@ -177,8 +180,9 @@ class Predictor:
         """Load and verify a checkpoint (a path or ``builtin:demo``) and build both stages.
 
         ``device``: cpu, cuda, cuda:N or auto (CUDA when available). ``batch_size``: chunks per
-        stage-1 pass (default 8 on CUDA, 2 on CPU). ``precision``: auto (bf16 autocast on CUDA,
-        fp32 on CPU), fp32, or bf16 (also on CPUs with native bf16: about 2x faster).
+        stage-1 pass (default 8 on CUDA, 2 on CPU). ``precision``: auto (bf16 autocast on CUDA and
+        on CPUs with native bf16, after a self-check that bf16 answers as fp32 does; else fp32),
+        fp32, or bf16 (pe_model.precision).
         """
         checkpoint = load_checkpoint(ref, expected_sha256=expected_sha256)
         predictor = cls(
@@ -242,6 +246,23 @@ class Predictor:
             chunks=chunk_probs.numpy().astype(np.float64),
             attention=per_chunk.numpy().astype(np.float64),
         )
+
+    def _answer(self, chunks: Tensor, dtype: torch.dtype | None) -> Answer:
+        """Exam probabilities and consistent labels of preprocessed chunks at autocast ``dtype``
+        (None: fp32); the precision self-check compares two of these."""
+        saved = self._autocast_dtype
+        self._autocast_dtype = dtype
+        try:
+            stage_two = self.run_stage_two(self.run_stage_one(chunks).features)
+        finally:
+            self._autocast_dtype = saved
+        consistent = make_consistent(
+            {label: float(p) for label, p in zip(EXAM_LABELS, stage_two.exam, strict=True)},
+            [float(p) for p in stage_two.chunks],
+        )
+        probabilities = dict(consistent.probabilities)
+        probabilities[SERIES_PE_KEY] = float(max(consistent.chunk_probabilities))
+        return probabilities, dict(consistent.labels), consistent.pe_present
 
     # -- the whole series ------------------------------------------------------------------
 
@@ -318,6 +339,7 @@ class Predictor:
             source_sop_instance_uids=_unique(volume.sop_instance_uids),
             skipped_images=tuple(volume.skipped),
             quality=quality,
+            precision=self.precision,
         )
         log.info(
             "pe_model.predicted",

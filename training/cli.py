@@ -279,7 +279,7 @@ def demo_checkpoint(
     out: Annotated[Path, typer.Option("--out", help="where to write the checkpoint")] = Path("pe_model/data/demo.pt"),
     work_dir: Annotated[Path, typer.Option("--work-dir")] = Path("build/demo-checkpoint"),
     n_train: Annotated[int, typer.Option("--n-train", help="training phantom series")] = 160,
-    n_eval: Annotated[int, typer.Option("--n-eval", help="unseen phantom series to judge the model")] = 48,
+    n_eval: Annotated[int, typer.Option("--n-eval", help="unseen phantom series to judge the model")] = 40,
     seed: Annotated[int, typer.Option("--seed")] = 2026,
     workers: Annotated[int, typer.Option("--workers")] = 2,
     force: Annotated[bool, typer.Option("--force", help="write even if a threshold is missed")] = False,
@@ -293,6 +293,24 @@ def demo_checkpoint(
                                        n_eval=n_eval, seed=seed, workers=workers, force=force,
                                        progress=progress)
     typer.echo(json.dumps(evaluation.card_metrics()))
+
+
+@app.command("demo-evaluate")
+def demo_evaluate(
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="builtin:demo or a checkpoint file")] = "builtin:demo",
+    family: Annotated[str, typer.Option("--family", help="randomised | ctpa")] = "randomised",
+    count: Annotated[int, typer.Option("--count", help="phantom series (half with PE)")] = 40,
+    seed: Annotated[int, typer.Option("--seed")] = 4242,
+    work_dir: Annotated[Path, typer.Option("--work-dir")] = Path("build/demo-evaluate"),
+    workers: Annotated[int, typer.Option("--workers")] = 2,
+    progress: Progress = True,
+) -> None:
+    """Judge a checkpoint on fresh phantoms of one family, with 95 % intervals (for the model card)."""
+    from training.demo import evaluate_family
+
+    result = evaluate_family(checkpoint, work_dir, family=family, count=count, seed=seed, workers=workers,
+                             progress=progress)
+    typer.echo(json.dumps({k: result[k] for k in ("family", "count", "metrics", "confidence_intervals_95")}))
 
 
 @app.command("benchmark-loader")

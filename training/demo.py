@@ -27,12 +27,12 @@ from training.distributed import DistributedContext
 from training.errors import DemoQualityError
 from training.metrics import auroc
 from training.pipeline import RunPaths, package, preset, run_pipeline
-from training.synthetic import PhantomRecord, demo_specs, read_phantom_truth, write_synthetic_dataset
+from training.synthetic import PhantomRecord, randomised_specs, read_phantom_truth, write_synthetic_dataset
 
 log = structlog.get_logger(__name__)
 
 DEMO_NAME = "pe-triage-demo"
-DEMO_VERSION = "1.0.0"
+DEMO_VERSION = "2.0.0"
 DEMO_INTENDED_USE = (
     "demonstration and testing only — trained on synthetic phantoms — NOT FOR CLINICAL USE"
 )
@@ -63,6 +63,10 @@ class DemoEvaluation:
     gradcam_hit_rate: float
     gradcam_median_distance_mm: float
     seconds_per_series: float
+    #: Positives whose RV/LV >= 1 call (consistent labels) matches the phantom's ratio.
+    rv_lv_accuracy: float = float("nan")
+    #: Negatives called PE with a central clot or RV/LV >= 1 (what the node flags CRITICAL).
+    false_critical_negatives: int = 0
     per_series: tuple[dict[str, Any], ...] = field(default=())
 
     def passes(self, thresholds: DemoThresholds) -> list[str]:
@@ -86,7 +90,36 @@ class DemoEvaluation:
             "side_exact_accuracy": round(self.side_exact_accuracy, 4),
             "gradcam_within_15mm": round(self.gradcam_hit_rate, 4),
             "gradcam_median_distance_mm": round(self.gradcam_median_distance_mm, 2),
+            "rv_lv_accuracy": round(self.rv_lv_accuracy, 4),
+            "false_critical_negatives": float(self.false_critical_negatives),
         }
+
+    def confidence_intervals(self, radius_mm: float = 15.0) -> dict[str, tuple[float, float]]:
+        """95 % intervals: DeLong for the AUROC, Wilson for the proportions (over the positives)."""
+        from scipy.stats import binomtest
+
+        from training.metrics import delong_ci
+
+        rows = self.per_series
+        intervals: dict[str, tuple[float, float]] = {}
+        y = np.asarray([int(r["pe"]) for r in rows])
+        if 0 < y.sum() < len(y):
+            _, low, high = delong_ci(y, np.asarray([float(r["pe_probability"]) for r in rows]))
+            intervals["exam_pe_auroc"] = (round(float(low), 4), round(min(float(high), 1.0), 4))
+        positives = [r for r in rows if r["pe"]]
+        hits = {
+            "side_accuracy": [r["top_side"] in r["planted_sides"] for r in positives],
+            "side_exact_accuracy": [r["predicted_sides"] == r["planted_sides"] for r in positives],
+            "rv_lv_accuracy": [r["rv_lv_gte_1_called"] == (r["rv_lv_ratio"] >= 1.0)
+                               for r in positives if "rv_lv_ratio" in r],
+            "gradcam_within_15mm": [r["gradcam_distance_mm"] is not None and r["gradcam_distance_mm"] <= radius_mm
+                                    for r in positives],
+        }
+        for name, values in hits.items():
+            if values:
+                ci = binomtest(int(sum(values)), len(values)).proportion_ci(method="wilson")
+                intervals[name] = (round(float(ci.low), 4), round(float(ci.high), 4))
+        return intervals
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +142,8 @@ def evaluate_with_predictor(checkpoint: str | Path, records: list[PhantomRecord]
     side_hits: list[bool] = []
     side_exact: list[bool] = []
     cam_distances: list[float] = []
+    rv_lv_hits: list[bool] = []
+    false_critical = 0
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for record in tqdm(records, desc="judge demo", unit="series", disable=not progress):
@@ -117,7 +152,12 @@ def evaluate_with_predictor(checkpoint: str | Path, records: list[PhantomRecord]
         scores.append(score)
         truth.append(int(record.pe))
         row: dict[str, Any] = {"series_instance_uid": record.series_instance_uid, "pe": record.pe,
-                               "pe_probability": round(score, 4), "pe_present": prediction.pe_present}
+                               "pe_probability": round(score, 4), "pe_present": prediction.pe_present,
+                               "precision": prediction.precision}
+        critical = prediction.pe_present and (prediction.labels["central_pe"] or prediction.labels["rv_lv_ratio_gte_1"])
+        if not record.pe and critical:
+            false_critical += 1
+            row["critical"] = True
         if record.pe:
             predicted_sides = sorted(s for s, label in _SIDE_LABELS.items() if prediction.labels[label])
             planted = sorted(set(record.locations))
@@ -126,6 +166,10 @@ def evaluate_with_predictor(checkpoint: str | Path, records: list[PhantomRecord]
             side_hits.append(top_side in planted)
             side_exact.append(predicted_sides == planted)
             row.update(planted_sides=planted, predicted_sides=predicted_sides, top_side=top_side)
+            if record.rv_lv_ratio is not None:
+                called = bool(prediction.labels["rv_lv_ratio_gte_1"])
+                rv_lv_hits.append(called == (record.rv_lv_ratio >= 1.0))
+                row.update(rv_lv_ratio=record.rv_lv_ratio, rv_lv_gte_1_called=called)
             distance = math.inf
             if prediction.heatmaps and record.clot_centers_patient_mm:
                 peak = np.asarray(prediction.heatmaps[0].peak_position_patient, dtype=np.float64)
@@ -146,6 +190,8 @@ def evaluate_with_predictor(checkpoint: str | Path, records: list[PhantomRecord]
         gradcam_hit_rate=float(np.mean([d <= radius_mm for d in cam_distances])) if cam_distances else float("nan"),
         gradcam_median_distance_mm=float(np.median(finite)) if finite else float("nan"),
         seconds_per_series=seconds,
+        rv_lv_accuracy=float(np.mean(rv_lv_hits)) if rv_lv_hits else float("nan"),
+        false_critical_negatives=false_critical,
         per_series=tuple(rows),
     )
 
@@ -154,7 +200,7 @@ def demo_card(n_train: int, evaluation: DemoEvaluation | None) -> ModelCard:
     return ModelCard(
         name=DEMO_NAME,
         version=DEMO_VERSION,
-        training_data=f"synthetic CTPA phantoms (phantoms), {n_train} series",
+        training_data=f"domain-randomised synthetic CTPA phantoms (phantoms.randomised), {n_train} series",
         intended_use=DEMO_INTENDED_USE,
         metrics=evaluation.card_metrics() if evaluation is not None else {},
         not_for_clinical_use=True,
@@ -168,7 +214,7 @@ def build_demo_checkpoint(
     *,
     context: DistributedContext,
     n_train: int = 160,
-    n_eval: int = 48,
+    n_eval: int = 40,
     seed: int = 2026,
     workers: int = 2,
     thresholds: DemoThresholds = DemoThresholds(),
@@ -184,9 +230,10 @@ def build_demo_checkpoint(
     work = Path(work_dir)
     train_dir, eval_dir = work / "phantoms-train", work / "phantoms-eval"
     if not (train_dir / "train.csv").is_file():
-        write_synthetic_dataset(train_dir, demo_specs(n_train, seed=seed), workers=workers, progress=progress)
+        write_synthetic_dataset(train_dir, randomised_specs(n_train, seed=seed), workers=workers, progress=progress)
     if not (eval_dir / "train.csv").is_file():
-        write_synthetic_dataset(eval_dir, demo_specs(n_eval, seed=seed + 1), workers=workers, progress=progress)
+        write_synthetic_dataset(eval_dir, randomised_specs(n_eval, seed=seed + 1), workers=workers,
+                                progress=progress)
     settings = preset("demo")
     settings = type(settings)(**{**settings.__dict__, "cache_workers": workers})
     run = RunPaths(work / "run")
@@ -237,3 +284,29 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
+
+
+def evaluate_family(checkpoint: str | Path, work_dir: str | Path, *, family: str, count: int, seed: int,
+                    workers: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Judge ``checkpoint`` on ``count`` fresh phantoms of a family ("randomised": phantoms.randomised
+    at the demo's training ranges; "ctpa": the first-generation phantoms.ctpa) with the Predictor.
+
+    Returns the figures, their 95 % intervals and the per-series rows (also written to
+    ``work_dir/evaluation.json``). The series are written under ``work_dir/phantoms`` once.
+    """
+    from training.synthetic import demo_specs
+
+    if family not in ("randomised", "ctpa"):
+        raise DemoQualityError(f"family must be randomised or ctpa, not {family!r}")
+    work = Path(work_dir)
+    data = work / "phantoms"
+    if not (data / "train.csv").is_file():
+        specs = randomised_specs(count, seed=seed) if family == "randomised" else demo_specs(count, seed=seed)
+        write_synthetic_dataset(data, specs, workers=workers, progress=progress)
+    evaluation = evaluate_with_predictor(checkpoint, read_phantom_truth(data), progress=progress)
+    result = {"family": family, "count": count, "seed": seed, "checkpoint": str(checkpoint),
+              "metrics": evaluation.card_metrics(), "confidence_intervals_95": evaluation.confidence_intervals(),
+              "seconds_per_series": round(evaluation.seconds_per_series, 2),
+              "per_series": list(evaluation.per_series)}
+    (work / "evaluation.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    return result

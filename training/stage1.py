@@ -81,6 +81,13 @@ class Stage1Config:
     #: grid_sample padding of a rotated chunk: "zeros" or the seed's "border".
     rotation_padding: str = "zeros"
     amp: bool = True
+    #: Left-right mirror of a training chunk, swapping the left/right auxiliary labels with it.
+    flip_lr_probability: float = 0.0
+    #: Head-foot mirror of a training chunk (labels unchanged).
+    flip_z_probability: float = 0.0
+    #: Random contrast/brightness, blur and noise on training chunks (probability of each; 0 = off),
+    #: so the encoder cannot key on one generator's intensities, sharpness or noise.
+    photometric_probability: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rotation_padding not in ("zeros", "border", "reflection"):
@@ -94,7 +101,9 @@ class Stage1Config:
     def augmentation(self) -> dict[str, Any]:
         """The training transform's settings, as ChunkDataset keyword arguments."""
         return {"rotation_probability": self.rotation_probability, "rotation_degrees": self.rotation_degrees,
-                "rotation_symmetric": self.rotation_symmetric, "rotation_padding": self.rotation_padding}
+                "rotation_symmetric": self.rotation_symmetric, "rotation_padding": self.rotation_padding,
+                "flip_lr_probability": self.flip_lr_probability, "flip_z_probability": self.flip_z_probability,
+                "photometric_probability": self.photometric_probability}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Stage1Config:
@@ -149,6 +158,44 @@ def augment_chunk(chunk: Tensor, size: int, rotation_probability: float, rotatio
     return out.contiguous()
 
 
+_LEFT = EXAM_LABELS.index("leftsided_pe")
+_RIGHT = EXAM_LABELS.index("rightsided_pe")
+
+
+def _gaussian_blur(slices: Tensor, sigma: float) -> Tensor:
+    """In-plane Gaussian blur of (B, S, S) float slices."""
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = slices.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def photometric_augment(chunk: Tensor, probability: float) -> Tensor:
+    """Contrast/brightness, in-plane blur and noise, each with ``probability``: (3, D, s, s) uint8 -> same.
+
+    The same contrast and brightness apply to all three windows (a change of the scanner's HU
+    calibration or of the contrast bolus shows in each), blur and noise to every slice.
+    """
+    if probability <= 0:
+        return chunk
+    x = chunk.float()
+    if float(torch.rand(())) < probability:
+        contrast = float(torch.empty(()).uniform_(0.8, 1.2))
+        brightness = float(torch.empty(()).uniform_(-15.0, 15.0))
+        x = (x - 128.0) * contrast + 128.0 + brightness
+    if float(torch.rand(())) < probability:
+        sigma = float(torch.empty(()).uniform_(0.5, 1.4))
+        c, d, h, w = x.shape
+        x = _gaussian_blur(x.reshape(c * d, h, w), sigma).reshape(c, d, h, w)
+    if float(torch.rand(())) < probability:
+        x = x + torch.randn_like(x) * float(torch.empty(()).uniform_(1.0, 8.0))
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
 class ChunkDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
     """Every chunk of the given exams, read from the memory-mapped cache.
 
@@ -159,12 +206,17 @@ class ChunkDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
 
     def __init__(self, cache: SeriesCache, keys: Sequence[str], *, input_size: int, train: bool,
                  rotation_probability: float = 0.0, rotation_degrees: float = 15.0,
-                 rotation_symmetric: bool = True, rotation_padding: str = "zeros") -> None:
+                 rotation_symmetric: bool = True, rotation_padding: str = "zeros",
+                 flip_lr_probability: float = 0.0, flip_z_probability: float = 0.0,
+                 photometric_probability: float = 0.0) -> None:
         if not train and cache.input_size != input_size:
             raise TrainingError(
                 f"the cache holds {cache.input_size} px network inputs, not the {input_size} px this step needs"
             )
         self.cache = cache
+        self.flip_lr_probability = flip_lr_probability
+        self.flip_z_probability = flip_z_probability
+        self.photometric_probability = photometric_probability
         self.input_size = input_size
         self.train = train
         self.rotation_probability = rotation_probability
@@ -197,13 +249,21 @@ class ChunkDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         key, c = self.index[i]
+        aux = torch.from_numpy(self.aux_targets[i].copy())
         if self.train:
             chunk = torch.from_numpy(np.array(self.cache.train_chunks(key)[c]))  # copy out of the memory map
             chunk = augment_chunk(chunk, self.input_size, self.rotation_probability, self.rotation_degrees,
                                   symmetric=self.rotation_symmetric, padding=self.rotation_padding)
+            if self.flip_lr_probability > 0 and float(torch.rand(())) < self.flip_lr_probability:
+                # Columns run to the patient's left: mirroring them swaps the sides.
+                chunk = chunk.flip(-1)
+                aux[[_LEFT, _RIGHT]] = aux[[_RIGHT, _LEFT]]
+            if self.flip_z_probability > 0 and float(torch.rand(())) < self.flip_z_probability:
+                chunk = chunk.flip(1)
+            chunk = photometric_augment(chunk, self.photometric_probability).contiguous()
         else:
             chunk = torch.from_numpy(np.array(self.cache.chunks(key)[c]))
-        return (chunk, torch.tensor(float(self.labels[i])), torch.from_numpy(self.aux_targets[i]))
+        return (chunk, torch.tensor(float(self.labels[i])), aux)
 
 
 class EpochSampler(Sampler[int]):

@@ -1,4 +1,7 @@
-"""Synthetic datasets in the exact RSNA-STR layout, made from pe_model's phantoms.
+"""Synthetic datasets in the exact RSNA-STR layout, made from the phantom generators.
+
+Either generation: ``phantoms.PhantomSpec`` (first, ``phantoms.ctpa``) or
+``phantoms.randomised.RandomisedSpec`` (second, domain-randomised; what the demo model trains on).
 
 ``train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` plus a ``train.csv`` with
 all 17 columns and labels consistent per docs/METHOD.md, so the real pipeline runs on it unchanged.
@@ -9,6 +12,7 @@ for the demo's localisation check; the pipeline itself never reads it.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import dataclasses
 import csv
 import json
 import multiprocessing
@@ -23,6 +27,7 @@ from tqdm import tqdm
 
 from pe_model.labels import EXAM_LABELS
 from phantoms import PhantomSpec, PhantomTruth, random_spec, write_phantom_series
+from phantoms.randomised import AcquisitionRanges, RandomisedSpec, RandomisedTruth, draw_spec, write_randomised_series
 from training.dataset import CSV_COLUMNS
 
 log = structlog.get_logger(__name__)
@@ -42,6 +47,7 @@ class PhantomRecord:
     exam_labels: Mapping[str, bool]
     clot_centers_patient_mm: tuple[tuple[float, float, float], ...]
     clot_locations: tuple[str, ...]
+    rv_lv_ratio: float | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +59,7 @@ class PhantomRecord:
             "exam_labels": {k: bool(v) for k, v in self.exam_labels.items()},
             "clot_centers_patient_mm": [list(c) for c in self.clot_centers_patient_mm],
             "clot_locations": list(self.clot_locations),
+            "rv_lv_ratio": self.rv_lv_ratio,
         }
 
     @classmethod
@@ -68,10 +75,20 @@ class PhantomRecord:
                 (float(c[0]), float(c[1]), float(c[2])) for c in data["clot_centers_patient_mm"]
             ),
             clot_locations=tuple(data["clot_locations"]),
+            rv_lv_ratio=None if data.get("rv_lv_ratio") is None else float(data["rv_lv_ratio"]),
         )
 
 
-def _csv_rows(truth: PhantomTruth) -> list[dict[str, str]]:
+AnySpec = PhantomSpec | RandomisedSpec
+
+#: What the demo model trains on: the CTPA ranges of ``phantoms.randomised``, but pixels from 1.0 to
+#: 3.0 mm and slices 2 to 3 mm thick. Coarse matrices (such as 128 x 128 over a whole chest) are
+#: cheap to draw on 2 CPU cores and teach the model low-resolution series too; the preprocessing
+#: resamples every series to 1 mm anyway.
+DEMO_TRAINING_RANGES = AcquisitionRanges(pixel_spacing_mm=(1.0, 3.0), slice_thickness_mm=(2.0, 3.0))
+
+
+def _csv_rows(truth: PhantomTruth | RandomisedTruth) -> list[dict[str, str]]:
     labels = {name: int(bool(truth.exam_labels[name])) for name in EXAM_LABELS}
     informational = {
         "qa_motion": int(truth.spec.indeterminate),
@@ -93,14 +110,18 @@ def _csv_rows(truth: PhantomTruth) -> list[dict[str, str]]:
     return rows
 
 
-def _write_one(args: tuple[str, PhantomSpec]) -> tuple[list[dict[str, str]], dict[str, Any]]:
+def _write_one(args: tuple[str, AnySpec]) -> tuple[list[dict[str, str]], dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)
     root, spec = args
     # The study/series UIDs come from the spec; write into a scratch folder, then move into place.
     scratch = Path(root) / ".incoming" / f"{spec.seed}-{spec.patient_id}"
-    truth = write_phantom_series(scratch, spec, file_names="sop")
+    truth: PhantomTruth | RandomisedTruth
+    if isinstance(spec, RandomisedSpec):
+        truth = write_randomised_series(scratch, spec, file_names="sop")
+    else:
+        truth = write_phantom_series(scratch, spec, file_names="sop")
     target = Path(root) / "train" / truth.study_instance_uid / truth.series_instance_uid
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch.replace(target)
@@ -113,13 +134,14 @@ def _write_one(args: tuple[str, PhantomSpec]) -> tuple[list[dict[str, str]], dic
         exam_labels=dict(truth.exam_labels),
         clot_centers_patient_mm=tuple(tuple(float(v) for v in c.center_patient_mm) for c in truth.clots),  # type: ignore[misc]
         clot_locations=tuple(c.location for c in truth.clots),
+        rv_lv_ratio=float(spec.rv_lv_ratio),
     )
     return _csv_rows(truth), record.to_json_dict()
 
 
 def write_synthetic_dataset(
     out_dir: str | Path,
-    specs: Sequence[PhantomSpec],
+    specs: Sequence[AnySpec],
     *,
     workers: int = 1,
     progress: bool = True,
@@ -171,4 +193,19 @@ def demo_specs(count: int, *, seed: int, **overrides: Any) -> list[PhantomSpec]:
     for i in range(count):
         values = {"patient_id": f"SYN-{seed:04d}-{i:05d}", **overrides}
         specs.append(random_spec(rng, **values))
+    return specs
+
+
+def randomised_specs(count: int, *, seed: int, ranges: AcquisitionRanges = DEMO_TRAINING_RANGES,
+                     **overrides: Any) -> list[RandomisedSpec]:
+    """``count`` domain-randomised CTPA specs (``phantoms.randomised.draw_spec``), reproducible from
+    ``seed``; half PE. Each gets its own patient ID so the patient-grouped split treats them as patients.
+    Supersampling stays at 1 (the shapes' analytic partial volume) except in one series in six."""
+    rng = np.random.default_rng([seed, 2])
+    specs = []
+    for i in range(count):
+        values = {"patient_id": f"RND-{seed:04d}-{i:05d}", "pe": i % 2 == 0,
+                  "supersample": 2 if i % 6 == 5 else 1, **overrides}
+        drawn = draw_spec(rng, ranges=ranges, pe_fraction=1.0 if values["pe"] else 0.0)
+        specs.append(dataclasses.replace(drawn, **values))
     return specs

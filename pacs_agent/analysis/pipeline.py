@@ -168,7 +168,7 @@ def _write(
 
 def load_predictor(settings: Settings, *, checkpoint: str | None = None, processes: int = 1) -> Predictor:
     """The model of ``settings.model`` (or ``checkpoint``), loaded once and checked by hash, at
-    ``model.precision`` (pe_model's meaning: "auto" is bf16 autocast on CUDA, fp32 on CPU).
+    ``model.precision`` (pe_model.precision: "auto" is bf16 on CUDA and native-bf16 CPUs after a self-check).
 
     ``processes``: how many model processes share this machine; without ``model.torch_threads``
     each gets an equal share of the cores (oversubscribed cores slow every convolution down).

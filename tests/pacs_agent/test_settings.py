@@ -98,10 +98,17 @@ def test_model_precision_defaults_to_auto_and_reads_from_toml_and_environment(tm
     assert load_settings(None, environ={"PE_AGENT__MODEL__PRECISION": "fp32"}).model.precision == "fp32"
 
 
-@pytest.mark.parametrize(("precision", "resolved"), [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")])
+@pytest.mark.parametrize(("precision", "resolved"), [("auto", "native"), ("fp32", "fp32"), ("bf16", "bf16")])
 def test_model_precision_reaches_the_predictor(tiny_checkpoint: Path, precision: str, resolved: str) -> None:
-    """Worker and `pe-agent analyze` load the model through load_predictor; "auto" is fp32 on CPU."""
+    """Worker and `pe-agent analyze` load the model through load_predictor; "auto" is bf16 on a CPU
+    with native bf16 (the tiny model passes the self-check), fp32 on any other CPU."""
+    import torch
+
     from pacs_agent.analysis.pipeline import load_predictor
+    from pe_model.precision import native_bf16
+
+    if resolved == "native":
+        resolved = "bf16" if native_bf16(torch.device("cpu"))[0] else "fp32"
 
     settings = load_settings(None, environ={}, overrides={"model": {"precision": precision, "torch_threads": 1}})
     assert load_predictor(settings, checkpoint=str(tiny_checkpoint)).precision == resolved

@@ -187,13 +187,15 @@ def test_batch_size_and_precision(
 ) -> None:
     directory, _ = phantom_series
     volume = load_series(directory)
-    reference = predictor.predict(volume)
-    assert predictor.precision == "fp32" and predictor.batch_size == 2
-    one_at_a_time = Predictor.from_checkpoint(tiny_checkpoint, batch_size=1).predict(volume)
+    fp32 = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
+    reference = fp32.predict(volume)
+    assert fp32.precision == reference.precision == "fp32" and fp32.batch_size == 2
+    one_at_a_time = Predictor.from_checkpoint(tiny_checkpoint, batch_size=1, precision="fp32").predict(volume)
     assert one_at_a_time.chunk_probabilities == pytest.approx(reference.chunk_probabilities, abs=1e-5)
     bf16 = Predictor.from_checkpoint(tiny_checkpoint, precision="bf16")
     assert bf16.precision == "bf16"
     mixed = bf16.predict(volume)
+    assert mixed.precision == "bf16"
     assert mixed.chunk_probabilities == pytest.approx(reference.chunk_probabilities, abs=0.02)
     with pytest.raises(ValueError, match="precision"):
         Predictor.from_checkpoint(tiny_checkpoint, precision="fp8")

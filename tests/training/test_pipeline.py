@@ -84,8 +84,9 @@ def test_run_smoke_end_to_end_and_rerun_skips(smoke_data: Path, tmp_path: Path,
     with (tmp_path / "eval-again" / "submission.csv").open(newline="") as handle:
         evaluated = {row[0]: float(row[1]) for row in list(csv.reader(handle))[1:]}
     capsys.readouterr()
+    # fp32 like the evaluation (precision auto may pick bf16, within 0.02 rather than 1e-5).
     assert pe_model_main(["predict", str(test_dir), "--checkpoint", str(work / "model.pt"), "--json",
-                          "--gradcam-top-k", "0"]) == 0
+                          "--gradcam-top-k", "0", "--precision", "fp32"]) == 0
     predicted = json.loads(capsys.readouterr().out)["probabilities"]
     for label in ("negative_exam_for_pe", "indeterminate", "chronic_pe", "acute_and_chronic_pe", "central_pe",
                   "leftsided_pe", "rightsided_pe", "rv_lv_ratio_gte_1", "rv_lv_ratio_lt_1"):
@@ -174,7 +175,7 @@ def test_a_small_seed_recipe_runs_end_to_end_and_serves_what_it_evaluated(
     key = split["test"][0]
     study, series = key.split("_")
     directory = smoke_data / "train" / study / series
-    predictor = Predictor.from_checkpoint(model, gradcam_top_k=0)
+    predictor = Predictor.from_checkpoint(model, gradcam_top_k=0, precision="fp32")  # fp32, like the evaluation
     served = preprocess(load_series(directory), predictor.preprocess_config).chunks
     assert torch.equal(torch.from_numpy(np.array(SeriesCache(work / "cache").chunks(key))), served)
     result = evaluate_split(SeriesCache(work / "cache"), load_dataset(smoke_data).by_key(), [key],
