@@ -143,10 +143,22 @@ class Destination:
     tls: bool = False
 
 
+#: ``outputs.secondary_capture``: Grad-CAM SCs for positive and REVIEW results only, for all, or none.
+SECONDARY_CAPTURE_POLICIES = ("positive", "always", "never")
+#: ``outputs.rejection_reason``: IOCM title of the rejection note of a superseded result.
+REJECTION_REASONS = ("quality", "patient-safety")
+
+
 @dataclass(frozen=True)
 class OutputSettings:
     structured_report: bool = True
-    secondary_capture: bool = True
+    #: "positive" (CRITICAL, HIGH or REVIEW results), "always" or "never"; true/false mean always/never.
+    secondary_capture: str = "positive"
+    #: Key Object Selection ("key images") listing the key CT slices and the SCs.
+    key_images: bool = True
+    #: A re-analysis sends an IHE IOCM rejection note for every object of the result it supersedes.
+    retract_superseded: bool = True
+    rejection_reason: str = "quality"
     #: FRACTIONAL segmentation of the Grad-CAM heatmap.
     segmentation: bool = False
     #: Number of top chunks whose key slice gets a Grad-CAM secondary capture.
@@ -337,6 +349,12 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"destinations.{d.name}.port: {d.port} is not a TCP port")
     if settings.model.precision not in MODEL_PRECISIONS:
         raise ConfigError(f"model.precision: {settings.model.precision!r} is not one of {', '.join(MODEL_PRECISIONS)}")
+    if settings.outputs.secondary_capture not in SECONDARY_CAPTURE_POLICIES:
+        raise ConfigError(
+            f"outputs.secondary_capture: {settings.outputs.secondary_capture!r} is not one of {', '.join(SECONDARY_CAPTURE_POLICIES)}"
+        )
+    if settings.outputs.rejection_reason not in REJECTION_REASONS:
+        raise ConfigError(f"outputs.rejection_reason: {settings.outputs.rejection_reason!r} is not one of {', '.join(REJECTION_REASONS)}")
     if settings.outputs.key_slices < 0:
         raise ConfigError("outputs.key_slices: must be 0 or more")
     if settings.log.format not in ("auto", "json", "console"):
@@ -345,6 +363,19 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("workers.count: must be 0 or more")
     if settings.workers.heartbeat_seconds >= settings.workers.lease_seconds:
         raise ConfigError("workers.heartbeat_seconds: must be shorter than lease_seconds")
+
+
+def _secondary_capture_booleans(data: dict[str, Any]) -> dict[str, Any]:
+    """``outputs.secondary_capture = true/false`` (the older boolean form) -> "always"/"never"."""
+    outputs = data.get("outputs")
+    if not isinstance(outputs, Mapping) or "secondary_capture" not in outputs:
+        return data
+    value = outputs["secondary_capture"]
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        value = value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(value, bool):
+        return {**data, "outputs": {**outputs, "secondary_capture": "always" if value else "never"}}
+    return data
 
 
 def load_settings(
@@ -369,6 +400,7 @@ def load_settings(
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)
+    data = _secondary_capture_booleans(data)
     settings = _build(Settings, data, "")
     _validate(settings)
     return settings

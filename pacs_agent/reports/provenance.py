@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Final
 
+from highdicom import ContributingEquipment
 from highdicom.sr import AlgorithmIdentification
 from pydicom.uid import generate_uid
+
+from pacs_agent.reports import codes
 
 from pe_model.labels import THRESHOLD
 from pe_model.prediction import ModelInfo
@@ -46,8 +49,30 @@ def disclaimer(model: ModelInfo) -> str:
 
 
 def device_observer_uid(model: ModelInfo) -> str:
-    """A stable UID for the model as a device observer (same checkpoint -> same UID)."""
-    return str(generate_uid(prefix=None, entropy_srcs=["pe-triage-device", model.name, model.version, model.sha256]))
+    """The model's Device UID, derived from the checkpoint's sha256 alone.
+
+    The same checkpoint always gets the same UID (on every node, in every run); a new checkpoint,
+    even under an unchanged name and version, gets a new one (IHE AIR: the Device UID changes
+    when the model changes).
+    """
+    return str(generate_uid(prefix=None, entropy_srcs=["pe-triage-device", model.sha256.lower()]))
+
+
+def contributing_equipment(model: ModelInfo, manufacturer: str) -> ContributingEquipment:
+    """The Contributing Equipment item of the algorithm (IHE AIR: one item per algorithm).
+
+    Purpose of Reference (109102, DCM, "Processing Equipment") from CID 7005: the algorithm
+    processed the source images; it neither acquired nor modified them.
+    """
+    item = ContributingEquipment(
+        manufacturer=long_string(manufacturer or "unknown"),
+        purpose_of_reference=codes.PROCESSING_EQUIPMENT,
+        manufacturer_model_name=long_string(model.name),
+        software_versions=long_string(model.version),
+        contribution_description=f"AI analysis (unverified), checkpoint sha256 {model.sha256}",
+    )
+    item.DeviceUID = device_observer_uid(model)
+    return item
 
 
 def algorithm_identification(model: ModelInfo, manufacturer: str) -> AlgorithmIdentification:
