@@ -38,6 +38,7 @@ from pacs_agent.reports.provenance import (
     UNVERIFIED,
     contributing_equipment,
     device_observer_uid,
+    keep_one_processing_item,
     long_string,
     series_description,
 )
@@ -177,7 +178,7 @@ def build_key_images(
             observer_device_context=_observer(model, settings.manufacturer),
             description=key_images_description(prediction),
         )
-        return KeyObjectSelectionDocument(
+        document = KeyObjectSelectionDocument(
             evidence=referenced,
             content=content,
             series_instance_uid=series_instance_uid,
@@ -192,6 +193,8 @@ def build_key_images(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"key image selection for series {prediction.series_instance_uid} could not be built: {exc}") from exc
+    keep_one_processing_item(document, model)
+    return document
 
 
 def build_rejection_note(
@@ -227,7 +230,7 @@ def build_rejection_note(
             observer_device_context=_observer(model, settings.manufacturer),
             description=description,
         )
-        return KeyObjectSelectionDocument(
+        document = KeyObjectSelectionDocument(
             evidence=referenced,
             content=content,
             series_instance_uid=series_instance_uid,
@@ -242,3 +245,5 @@ def build_rejection_note(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"rejection note for study could not be built: {exc}") from exc
+    keep_one_processing_item(document, model)
+    return document

@@ -6,11 +6,12 @@ unverified AI output; outputs of the synthetic demo model say NOT FOR CLINICAL U
 
 from __future__ import annotations
 
+import uuid
 from typing import Final
 
 from highdicom import ContributingEquipment
 from highdicom.sr import AlgorithmIdentification
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
 
 from pacs_agent.reports import codes
 
@@ -20,6 +21,8 @@ from pe_model.prediction import ModelInfo
 NOT_FOR_CLINICAL_USE: Final[str] = "NOT FOR CLINICAL USE"
 UNVERIFIED: Final[str] = "Unverified AI output"
 HEATMAP_LEGEND: Final[str] = "AI heatmap - not for diagnosis"
+#: Namespace of the model Device UIDs (a fixed random UUID; never change it, or every Device UID changes).
+_DEVICE_NAMESPACE: Final = uuid.UUID("5b0e4a52-8d7e-4a5f-9a63-2f0e2d1c7b11")
 #: LO values (Manufacturer's Model Name, Software Versions, Series Description) hold at most 64 characters.
 _LO_MAX: Final[int] = 64
 
@@ -55,7 +58,8 @@ def device_observer_uid(model: ModelInfo) -> str:
     even under an unchanged name and version, gets a new one (IHE AIR: the Device UID changes
     when the model changes).
     """
-    return str(generate_uid(prefix=None, entropy_srcs=["pe-triage-device", model.sha256.lower()]))
+    # A name-based UUID under the 2.25 arc (PS3.5 B.2); pydicom's generate_uid(prefix=None) would be random.
+    return f"2.25.{uuid.uuid5(_DEVICE_NAMESPACE, model.sha256.strip().lower()).int}"
 
 
 def contributing_equipment(model: ModelInfo, manufacturer: str) -> ContributingEquipment:
@@ -90,3 +94,20 @@ def algorithm_identification(model: ModelInfo, manufacturer: str) -> AlgorithmId
         parameters=parameters,
         manufacturer=manufacturer or None,
     )
+
+
+def keep_one_processing_item(ds: Dataset, model: ModelInfo) -> None:
+    """Leave the algorithm as the only Processing Equipment in Contributing Equipment (IHE AIR).
+
+    highdicom appends an item for itself with the same purpose; a consumer that looks for "the
+    algorithm" would find two. Items of other purposes (the scanner as Acquisition Equipment) stay.
+    """
+    uid = device_observer_uid(model)
+    items = list(ds.get("ContributingEquipmentSequence", []))
+    kept = [
+        item
+        for item in items
+        if item.get("DeviceUID") == uid
+        or not any(code.CodeValue == codes.PROCESSING_EQUIPMENT.value for code in item.get("PurposeOfReferenceCodeSequence", []))
+    ]
+    ds.ContributingEquipmentSequence = kept

@@ -29,6 +29,7 @@ from pacs_agent.reports.provenance import (
     NOT_FOR_CLINICAL_USE,
     contributing_equipment,
     disclaimer,
+    keep_one_processing_item,
     long_string,
     series_description,
 )
@@ -283,6 +284,7 @@ def build_secondary_captures(
         except (ValueError, TypeError, AttributeError) as exc:
             raise ReportError(f"heatmap image for series {prediction.series_instance_uid} could not be built: {exc}") from exc
         sc.copy_patient_and_study_information(reference)
+        keep_one_processing_item(sc, model)
         sc.SpecificCharacterSet = "ISO_IR 192"
         spacing = _pixel_spacing(source)
         if spacing is not None:  # the slice is pasted 1:1, so the source's spacing holds for it

@@ -59,6 +59,7 @@ from pacs_agent.reports.provenance import (
     contributing_equipment,
     device_observer_uid,
     disclaimer,
+    keep_one_processing_item,
     long_string,
     series_description,
 )
@@ -385,4 +386,5 @@ def build_structured_report(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"structured report for series {prediction.series_instance_uid} could not be built: {exc}") from exc
+    keep_one_processing_item(sr, model)
     return sr

@@ -104,7 +104,7 @@ def test_analysis_writes_valid_reports_despite_malformed_demographics(
     predictor = _FixedPredictor(make_prediction(series, pe_present=True))
     outcome = analyze_datasets(predictor, series, ALL_OUTPUTS, tmp_path / "out")  # type: ignore[arg-type]
     kinds = sorted(p.kind.value for p in outcome.produced)
-    assert kinds == sorted([OutputKind.SR.value, OutputKind.SC.value, OutputKind.SC.value, OutputKind.SEG.value])
+    assert kinds == sorted([OutputKind.SR.value, OutputKind.SC.value, OutputKind.SC.value, OutputKind.SEG.value, OutputKind.KOS.value])
     for produced in outcome.produced:
         written = pydicom.dcmread(produced.path)
         assert written.StudyInstanceUID == series[0].StudyInstanceUID

@@ -8,7 +8,7 @@ import highdicom
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ComprehensiveSRStorage
+from pydicom.uid import Comprehensive3DSRStorage
 
 from pacs_agent.db.models import OutputKind
 from pacs_agent.errors import ReportError
@@ -20,7 +20,7 @@ from tests.support.ct_series import PATIENT_ID, PATIENT_NAME, CTSeriesSpec, make
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.predictions import CLINICAL_SHA256, DEMO_SHA256, make_prediction
 
-SR_ONLY = OutputSettings(secondary_capture=False, manufacturer="PE Triage Test")
+SR_ONLY = OutputSettings(secondary_capture="never", key_images=False, manufacturer="PE Triage Test")
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def _text_items(group: highdicom.sr.MeasurementsAndQualitativeEvaluations) -> di
     return out
 
 
-def _groups(sr: highdicom.sr.ComprehensiveSR) -> list[highdicom.sr.MeasurementsAndQualitativeEvaluations]:
+def _groups(sr: highdicom.sr.Comprehensive3DSR) -> list[highdicom.sr.MeasurementsAndQualitativeEvaluations]:
     return list(sr.content.get_image_measurement_groups())
 
 
@@ -71,7 +71,7 @@ def test_positive_report_round_trips_with_codes_flags_and_provenance(tmp_path: P
     assert produced.path == tmp_path / "out" / f"{produced.sop_instance_uid}.dcm"
 
     ds = pydicom.dcmread(produced.path)
-    assert ds.SOPClassUID == ComprehensiveSRStorage == produced.sop_class_uid
+    assert ds.SOPClassUID == Comprehensive3DSRStorage == produced.sop_class_uid
     assert (ds.CompletionFlag, ds.VerificationFlag, ds.PreliminaryFlag) == ("COMPLETE", "UNVERIFIED", "PRELIMINARY")
     assert ds.StudyInstanceUID == series[0].StudyInstanceUID
     assert ds.SeriesInstanceUID == produced.series_instance_uid != series[0].SeriesInstanceUID
@@ -83,7 +83,7 @@ def test_positive_report_round_trips_with_codes_flags_and_provenance(tmp_path: P
     assert [item.CodingSchemeDesignator for item in ds.CodingSchemeIdentificationSequence] == [codes.LOCAL_SCHEME]
 
     sr = highdicom.sr.srread(produced.path)
-    assert isinstance(sr, highdicom.sr.ComprehensiveSR)
+    assert isinstance(sr, highdicom.sr.Comprehensive3DSR)
     # The whole series is the evidence.
     evidence = {sop for _, _, sop, _ in sr.get_evidence()}
     assert evidence == {ds_.SOPInstanceUID for ds_ in series}
@@ -176,7 +176,7 @@ def test_reanalysis_report_references_and_supersedes_the_previous_one(tmp_path: 
     [ref_series] = study.ReferencedSeriesSequence
     assert ref_series.SeriesInstanceUID == previous.SeriesInstanceUID
     [ref] = ref_series.ReferencedSOPSequence
-    assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSOPClassUID) == (previous.SOPInstanceUID, ComprehensiveSRStorage)
+    assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSOPClassUID) == (previous.SOPInstanceUID, Comprehensive3DSRStorage)
     assert f"supersedes the earlier report SOP Instance UID {previous.SOPInstanceUID}" in _all_text(ds)
     assert "PredecessorDocumentsSequence" not in previous
 
@@ -204,7 +204,7 @@ def test_report_passes_dciodvfy(tmp_path: Path, series: list[Dataset], pe_presen
     for produced in (first, second):
         result = run_dciodvfy(produced.path)
         assert result.errors == [], result.output
-        assert result.iod == "ComprehensiveSR"
+        assert result.iod == "Comprehensive3DSR"
 
 
 @pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (dicom3tools) is not installed")
