@@ -21,6 +21,7 @@ import numpy as np
 from highdicom.sc import SCImage
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DSfloat
 
 from pacs_agent.errors import ReportError
 from pacs_agent.reports import codes
@@ -33,7 +34,7 @@ from pacs_agent.reports.provenance import (
     long_string,
     series_description,
 )
-from pacs_agent.reports.sources import header, hounsfield, image_position, opposite, patient_orientation
+from pacs_agent.reports.sources import header, hounsfield, image_position, opposite, patient_orientation, pixel_spacing
 from pacs_agent.settings import OutputSettings
 from pe_model.prediction import Heatmap, ModelInfo, Prediction
 
@@ -231,17 +232,6 @@ def _source_reference(source: Dataset, frame_number: int | None) -> Dataset:
     return item
 
 
-def _pixel_spacing(source: Dataset) -> tuple[float, float] | None:
-    spacing = source.get("PixelSpacing")
-    if spacing is None or len(spacing) != 2:
-        return None
-    try:
-        row, column = float(spacing[0]), float(spacing[1])
-    except (TypeError, ValueError):
-        return None
-    return (row, column) if row > 0 and column > 0 else None
-
-
 def build_secondary_captures(
     prediction: Prediction,
     source_datasets: Sequence[Dataset],
@@ -286,9 +276,9 @@ def build_secondary_captures(
         sc.copy_patient_and_study_information(reference)
         keep_one_processing_item(sc, model)
         sc.SpecificCharacterSet = "ISO_IR 192"
-        spacing = _pixel_spacing(source)
+        spacing = pixel_spacing(source, heatmap.frame_number)
         if spacing is not None:  # the slice is pasted 1:1, so the source's spacing holds for it
-            sc.PixelSpacing = list(spacing)
+            sc.PixelSpacing = [DSfloat(v) for v in spacing]
         sc.BurnedInAnnotation = "YES"
         _set_body_part(sc, source)
         sc.RecognizableVisualFeatures = "NO"

@@ -201,3 +201,19 @@ def image_position(ds: Dataset, frame_number: int | None = None) -> tuple[float,
 def opposite(letter: str) -> str:
     """The opposite patient direction of L/R/A/P/H/F."""
     return {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}[letter]
+
+
+def pixel_spacing(ds: Dataset, frame_number: int | None = None) -> list[str] | None:
+    """Pixel Spacing (row, column; mm, as DS strings) of a slice, or None when absent or not positive."""
+    values = ds.get("PixelSpacing")
+    if values is None:
+        measures = _frame_item(ds, "PixelMeasuresSequence", frame_number)
+        values = measures.get("PixelSpacing") if measures is not None else None
+    if values is None or len(values) != 2:
+        return None
+    try:
+        if min(float(v) for v in values) <= 0:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return [str(v) for v in values]
