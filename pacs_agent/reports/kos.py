@@ -47,8 +47,8 @@ from pacs_agent.settings import OutputSettings
 from pe_model.prediction import ModelInfo, Prediction
 
 #: Series Numbers of the key-image and rejection-note series (new series in the source study).
-KEY_IMAGES_SERIES_NUMBER = 9903
-REJECTION_SERIES_NUMBER = 9904
+KEY_IMAGES_SERIES_NUMBER = 9904
+REJECTION_SERIES_NUMBER = 9905
 #: SOP classes the KOS references as IMAGE items (everything else: COMPOSITE).
 _IMAGE_SOP_CLASSES = frozenset(
     str(uid)

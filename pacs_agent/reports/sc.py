@@ -21,6 +21,7 @@ import numpy as np
 from highdicom.sc import SCImage
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from pacs_agent.errors import ReportError
@@ -270,6 +271,7 @@ def build_secondary_captures(
                 institution_name=settings.institution_name or None,
                 contributing_equipment=[contributing_equipment(model, settings.manufacturer)],
                 specific_character_set="ISO_IR 192",
+                transfer_syntax_uid=ExplicitVRLittleEndian,
             )
         except (ValueError, TypeError, AttributeError) as exc:
             raise ReportError(f"heatmap image for series {prediction.series_instance_uid} could not be built: {exc}") from exc
