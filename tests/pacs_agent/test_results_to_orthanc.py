@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus, OutputKind, Series, SeriesState
 from pacs_agent.db.session import transaction
-from pacs_agent.delivery.stowrs import StowRsTarget
+from pacs_agent.delivery.stowrs import StowRsTarget, credentials
 from pacs_agent.dispatcher import dispatch_due, queue_deliveries
 from pacs_agent.reports import ProducedObject, RejectedInstance, write_reports
 from pacs_agent.settings import OutputSettings, Settings
@@ -167,3 +167,22 @@ def test_results_and_their_retraction_reach_orthanc_by_both_transports(
     assert [str(ds.SOPInstanceUID) for ds in visible_results] == [new_sr.sop_instance_uid]
     visible_ai = {str(ds.SOPInstanceUID) for ds in instances if ds.Modality != "CT" and str(ds.SOPInstanceUID) not in rejected}
     assert visible_ai == {p.sop_instance_uid for p in redo}
+
+
+def test_stowrs_to_orthanc_with_basic_auth_from_the_environment(tmp_path: Path) -> None:
+    """Credentials from an environment variable reach Orthanc; wrong ones are a permanent failure (no retry)."""
+    datasets = make_ct_series(CTSeriesSpec(n_slices=6, rows=32, columns=32))
+    produced = write_reports(make_prediction(datasets, n_key_images=2), datasets, OutputSettings(key_slices=1), tmp_path / "out")
+    with Orthanc(tmp_path / "orthanc", dicomweb=True, users={"agent": "s3cret"}) as server:
+        good = StowRsTarget("web", server.dicomweb_url,
+                            credentials=credentials("basic", username="agent", password_env="PACS_PW", environ={"PACS_PW": "s3cret"}))
+        assert good.echo().ok
+        assert [o.ok for o in good.send([p.path for p in produced])] == [True] * len(produced)
+        for p in produced:
+            assert _instance(server, p.sop_instance_uid).SOPInstanceUID == p.sop_instance_uid
+        wrong = StowRsTarget("web", server.dicomweb_url,
+                             credentials=credentials("basic", username="agent", password_env="PACS_PW", environ={"PACS_PW": "nope"}))
+        [refused] = wrong.send([produced[0].path])
+        assert (refused.ok, refused.status, refused.retryable) == (False, 401, False)
+        assert wrong.echo().detail.startswith("QIDO-RS 401")
+        assert not StowRsTarget("web", server.dicomweb_url).echo().ok  # no credentials at all

@@ -3,8 +3,9 @@
 Started with a configuration written from ``tests/orthanc/orthanc.json`` with free ports, a temporary
 storage folder, the agent declared as a DICOM modality and, optionally, the auto-routing Lua script of
 ``deploy/orthanc/autoroute.lua`` as a hospital would set it up; the DICOMweb plugin (Debian
-`orthanc-dicomweb`, STOW-RS / QIDO-RS / WADO-RS under ``/dicom-web``); HTTP basic-auth users; and
-HTTPS with a certificate (PEM holding certificate and key).
+`orthanc-dicomweb`, STOW-RS / QIDO-RS / WADO-RS under ``/dicom-web``); and HTTP basic-auth users.
+(Debian's Orthanc 1.10.1 crashes on the first HTTPS request here, so HTTPS is tested against a Python
+server in tests/pacs_agent/test_stowrs.py.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import ssl
 import shutil
 import socket
 import subprocess
@@ -60,10 +60,6 @@ class Orthanc:
     dicomweb: bool = False
     #: HTTP basic-auth users (name -> password); empty: no authentication.
     users: dict[str, str] = field(default_factory=dict)
-    #: PEM with the server certificate and its key: serve HTTPS instead of HTTP.
-    https_pem: Path | None = None
-    #: CA that verifies ``https_pem`` (for this helper's own requests).
-    https_ca: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Orthanc:
@@ -75,7 +71,7 @@ class Orthanc:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.https_pem else 'http'}://127.0.0.1:{self.http_port}"
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb_url(self) -> str:
@@ -107,13 +103,11 @@ class Orthanc:
             if plugin is None:
                 raise RuntimeError("the Orthanc DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")
             config["Plugins"] = [str(plugin)]
-            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": bool(self.https_pem)}
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}
         if self.users:
             config["AuthenticationEnabled"] = True
             config["RegisteredUsers"] = dict(self.users)
-        if self.https_pem is not None:
-            config["SslEnabled"] = True
-            config["SslCertificate"] = str(self.https_pem)
+
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
         log = (self.workdir / "orthanc.log").open("wb")
@@ -152,8 +146,7 @@ class Orthanc:
         if self.users:
             name, password = next(iter(self.users.items()))
             req.add_header("Authorization", "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode())
-        context = ssl.create_default_context(cafile=str(self.https_ca)) if self.https_pem is not None else None
-        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+        with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read()
 
     def get(self, path: str) -> Any:
