@@ -3,7 +3,7 @@
 Every concept a report writes lives here, so the SR, SC, SEG and KOS say the same thing the same way.
 Meanings follow the DICOM Content Mapping Resource (PS3.16) where the concept is listed there.
 The local scheme 99PETRIAGE holds only concepts no standard terminology has (the RSNA RV/LV label,
-the worklist flags, the Grad-CAM map); docs/CONFORMANCE.md lists them.
+the worklist flags); docs/CONFORMANCE.md lists them.
 """
 
 from __future__ import annotations
@@ -95,8 +95,6 @@ ANGIOGRAPHY: Final = _sct("77343006", "Angiography")
 
 # Segmentation (SEG) categories: CID 7150 / 7151 style.
 MORPHOLOGICALLY_ABNORMAL_STRUCTURE: Final = _sct("49755003", "Morphologically abnormal structure")
-#: What the SEG's fractional values are: a Grad-CAM saliency, not a delineation.
-GRAD_CAM_HEATMAP: Final = _local("GRADCAM", "Grad-CAM saliency of pulmonary embolism")
 
 
 def coding_schemes() -> list[CodingSchemeIdentificationItem]:
