@@ -126,16 +126,15 @@ def impression(prediction: Prediction, flag: Flag) -> str:
     """
     labels = prediction.labels
     if prediction.pe_present:
-        sides = [name for key, name in (("rightsided_pe", "right-sided"), ("leftsided_pe", "left-sided")) if labels.get(key)]
-        where = "central " if labels.get("central_pe") else ""
+        sites = [name for key, name in (("central_pe", "central"), ("rightsided_pe", "right-sided"), ("leftsided_pe", "left-sided"))
+                 if labels.get(key)]
+        where = (", ".join(sites[:-1]) + " and " + sites[-1] + " ") if len(sites) > 1 else (f"{sites[0]} " if sites else "")
         finding = f"Suspected {where}pulmonary embolism"
-        if sides:
-            finding += f" ({', '.join(sides)})"
         if labels.get("acute_and_chronic_pe"):
-            finding += ", acute and chronic"
+            finding += " (acute and chronic)"
         elif labels.get("chronic_pe"):
-            finding += ", chronic"
-        finding += ", RV/LV >= 1 suggested" if labels.get("rv_lv_ratio_gte_1") else ", RV/LV < 1"
+            finding += " (chronic)"
+        finding += ", RV/LV >= 1 suggested" if labels.get("rv_lv_ratio_gte_1") else ", RV/LV >= 1 not suggested"
     elif labels.get("indeterminate"):
         finding = "Indeterminate examination for pulmonary embolism (limited image quality suggested)"
     elif flag == Flag.REVIEW:

@@ -282,14 +282,16 @@ def test_impression_leads_the_document(tmp_path: Path, series: list[Dataset]) ->
     ds = pydicom.dcmread(_write_sr(tmp_path, prediction, series).path)
     first = ds.ContentSequence[0]
     assert (first.ValueType, first.ConceptNameCodeSequence[0].CodeValue) == ("TEXT", "121073")
-    assert "Suspected central pulmonary embolism (right-sided), RV/LV >= 1 suggested. AI result, unverified." in first.TextValue
+    assert "Suspected central and right-sided pulmonary embolism, RV/LV >= 1 suggested. AI result, unverified." in first.TextValue
     assert first.TextValue.startswith("NOT FOR CLINICAL USE")
     assert "Worklist priority CRITICAL" in first.TextValue
     negative = pydicom.dcmread(_write_sr(tmp_path / "neg", make_prediction(series, pe_present=False), series).path)
     assert negative.ContentSequence[0].TextValue.startswith("NOT FOR CLINICAL USE (synthetic demo model). No pulmonary embolism suggested.")
     clinical = make_prediction(series, pe_present=True, rv_lv_gte_1=False, not_for_clinical_use=False)
     text = impression(clinical, Flag.CRITICAL)
-    assert text.startswith("Suspected central pulmonary embolism (right-sided), RV/LV < 1. AI result, unverified.")
+    assert text.startswith("Suspected central and right-sided pulmonary embolism, RV/LV >= 1 not suggested. AI result, unverified.")
+    only_central = Prediction(**{**clinical.__dict__, "labels": {**clinical.labels, "rightsided_pe": False, "rv_lv_ratio_gte_1": True}})
+    assert impression(only_central, Flag.CRITICAL).startswith("Suspected central pulmonary embolism, RV/LV >= 1 suggested. AI result, unverified.")
 
 
 @pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk dsrdump is not installed")
@@ -299,7 +301,7 @@ def test_dsrdump_shows_the_impression_before_any_geometry(tmp_path: Path, series
     out = subprocess.run(["dsrdump", "+U8", "+Pl", str(produced.path)], capture_output=True, text=True, check=True, timeout=60).stdout
     lines = [line.strip() for line in out.splitlines() if line.strip().startswith("<")]
     assert "Imaging Measurement Report" in lines[0], out
-    assert "Impression" in lines[1] and "Suspected central pulmonary embolism" in lines[1], out
+    assert "Impression" in lines[1] and "Suspected central and right-sided pulmonary embolism" in lines[1], out
     assert out.splitlines()[0].strip() == "Comprehensive 3D SR Document"
 
 

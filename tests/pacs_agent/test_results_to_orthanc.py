@@ -139,7 +139,7 @@ def test_results_and_their_retraction_reach_orthanc_by_both_transports(
     sr = highdicom.sr.srread(sr_file)
     assert isinstance(sr, highdicom.sr.Comprehensive3DSR)
     assert sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old_sr.sop_instance_uid
-    assert sr.ContentSequence[0].TextValue.startswith("NOT FOR CLINICAL USE (synthetic demo model). Suspected central pulmonary embolism")
+    assert sr.ContentSequence[0].TextValue.startswith("NOT FOR CLINICAL USE (synthetic demo model). Suspected central and right-sided pulmonary embolism")
 
     # QIDO-RS sees the AI series in the study: SR, SC (OT), two KOs.
     request = urllib.request.Request(f"{orthanc.dicomweb_url}/studies/{study_uid}/series", headers={"Accept": "application/dicom+json"})
