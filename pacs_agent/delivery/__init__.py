@@ -1,1 +1,1 @@
-"""Delivery: produced objects to their destinations (DIMSE C-STORE or DICOMweb STOW-RS)."""
+"""Delivery of produced objects to destinations: the Target protocol, its transports (DIMSE C-STORE, DICOMweb STOW-RS) and the dispatcher."""

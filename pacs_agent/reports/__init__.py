@@ -23,9 +23,10 @@ from pathlib import Path
 import highdicom
 from pydicom.dataset import Dataset
 
-from pacs_agent.db.models import Flag, OutputKind
+from pacs_agent.db.models import Flag
+from pacs_agent.reports.kinds import ObjectKind
 from pacs_agent.errors import ReportError
-from pacs_agent.logging import get_logger
+from pacs_agent.logs import get_logger
 from pacs_agent.reports.kos import RejectedInstance, RejectionReason, build_key_images, build_rejection_note
 from pacs_agent.reports.sc import build_secondary_captures
 from pacs_agent.reports.seg import build_segmentation
@@ -45,14 +46,14 @@ _SC_FLAGS = frozenset({Flag.CRITICAL, Flag.HIGH, Flag.REVIEW})
 class ProducedObject:
     """A DICOM file this node made, ready for the dispatcher."""
 
-    kind: OutputKind
+    kind: ObjectKind
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
 
 
-def _save(ds: Dataset, kind: OutputKind, out_dir: Path) -> ProducedObject:
+def _save(ds: Dataset, kind: ObjectKind, out_dir: Path) -> ProducedObject:
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     tmp = out_dir / f".{ds.SOPInstanceUID}.dcm.tmp"
     try:
@@ -112,14 +113,14 @@ def write_reports(
     if secondary_captures_wanted(settings, flag):
         sc_series = highdicom.UID()
         for sc in build_secondary_captures(prediction, source_datasets, settings, series_instance_uid=sc_series):
-            produced.append(_save(sc, OutputKind.SC, out_dir))
+            produced.append(_save(sc, ObjectKind.SC, out_dir))
             secondary_captures.append(sc)
     if settings.segmentation:
         seg = build_segmentation(
             prediction, source_datasets, settings, series_instance_uid=highdicom.UID(), sop_instance_uid=highdicom.UID()
         )
         if seg is not None:
-            produced.append(_save(seg, OutputKind.SEG, out_dir))
+            produced.append(_save(seg, ObjectKind.SEG, out_dir))
     report_uid: str | None = None
     if settings.structured_report:
         sr = build_structured_report(
@@ -132,14 +133,14 @@ def write_reports(
             secondary_captures=secondary_captures,
             previous_report=previous_report,
         )
-        produced.append(_save(sr, OutputKind.SR, out_dir))
+        produced.append(_save(sr, ObjectKind.SR, out_dir))
         report_uid = str(sr.SOPInstanceUID)
     if settings.key_images and (prediction.key_images or secondary_captures):
         kos = build_key_images(
             prediction, source_datasets, secondary_captures, settings,
             series_instance_uid=highdicom.UID(), sop_instance_uid=highdicom.UID(),
         )
-        produced.append(_save(kos, OutputKind.KOS, out_dir))
+        produced.append(_save(kos, ObjectKind.KOS, out_dir))
     rejected = [r for r in superseded if r.sop_instance_uid not in {p.sop_instance_uid for p in produced}]
     if settings.retract_superseded and rejected:
         note = build_rejection_note(
@@ -152,12 +153,12 @@ def write_reports(
             series_instance_uid=highdicom.UID(),
             sop_instance_uid=highdicom.UID(),
         )
-        produced.append(_save(note, OutputKind.REJECTION, out_dir))
+        produced.append(_save(note, ObjectKind.REJECTION, out_dir))
     log.info(
         "reports_written",
         series_instance_uid=prediction.series_instance_uid,
         flag=flag.value,
-        objects={kind.value: sum(p.kind == kind for p in produced) for kind in OutputKind},
+        objects={kind.value: sum(p.kind == kind for p in produced) for kind in ObjectKind},
         supersedes=str(previous_report.SOPInstanceUID) if previous_report is not None else None,
         rejected=len(rejected) if settings.retract_superseded else 0,
     )

@@ -14,7 +14,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pacs_agent.demo.pacs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_TEMPLATE = ROOT / "tests" / "orthanc" / "orthanc.json"
@@ -37,12 +38,6 @@ def orthanc_binary() -> str | None:
 def dicomweb_plugin() -> Path | None:
     """The DICOMweb plugin library, or None when orthanc-dicomweb is not installed."""
     return DICOMWEB_PLUGIN if DICOMWEB_PLUGIN.exists() else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

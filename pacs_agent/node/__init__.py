@@ -1,0 +1,1 @@
+"""The node as a program: command line, service start-up, process supervision, scheduler, HTTP endpoints."""
