@@ -30,7 +30,9 @@ import httpx
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
+from pacs_agent.delivery.target import EchoOutcome, ObjectOutcome
 from pacs_agent.errors import DeliveryError
+from pacs_agent.settings import DESTINATION_AUTH_KINDS, DestinationSettings, Settings
 
 #: Default upper bound of one request body; larger sends are split into several requests.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -44,26 +46,7 @@ _WARNING_REASON = "00081196"
 _RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Failure Reasons worth retrying: processing failure, out of resources (0xA7xx).
 _RETRYABLE_FAILURE_REASONS = frozenset({0x0110})
-AUTH_KINDS = ("none", "bearer", "basic")
-
-
-@dataclass(frozen=True)
-class ObjectOutcome:
-    """One object sent to one target (the delivery Target protocol's value)."""
-
-    path: Path
-    sop_instance_uid: str
-    ok: bool
-    #: DICOM status: the Failure/Warning Reason of the instance, else the HTTP status; None: no answer.
-    status: int | None
-    reason: str
-    retryable: bool
-
-
-@dataclass(frozen=True)
-class EchoOutcome:
-    ok: bool
-    detail: str
+AUTH_KINDS = DESTINATION_AUTH_KINDS
 
 
 @dataclass(frozen=True)
@@ -194,6 +177,35 @@ class StowRsTarget:
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes
         self._transport = transport
+
+    @classmethod
+    def from_settings(cls, destination: DestinationSettings, settings: Settings, *,
+                      environ: Mapping[str, str] | None = None) -> StowRsTarget:
+        """The target of a ``kind = "stow-rs"`` destination; reads its secret now (DeliveryError if it cannot).
+
+        A client certificate for mutual TLS is the node's own (node.tls.certificate / private_key) when set.
+        """
+        tls = settings.node.tls
+        return cls(
+            destination.name,
+            destination.url,
+            credentials=credentials(
+                destination.auth,
+                token_file=destination.token_file,
+                token_env=destination.token_env,
+                username=destination.username,
+                password_file=destination.password_file,
+                password_env=destination.password_env,
+                environ=environ,
+            ),
+            verify=ssl_context(
+                verify=destination.tls_verify,
+                ca_certificate=destination.ca_certificate,
+                client_certificate=tls.certificate if destination.url.startswith("https://") else "",
+                client_private_key=tls.private_key,
+            ),
+            timeout=destination.timeout_seconds,
+        )
 
     def _client(self) -> httpx.Client:
         return httpx.Client(

@@ -14,21 +14,26 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from typing import Any
+
 import highdicom
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus, OutputKind, Series, SeriesState
+from datetime import timedelta
+
+from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus, OutputKind, Series, SeriesState, utcnow
 from pacs_agent.db.session import transaction
 from pacs_agent.delivery.stowrs import StowRsTarget, credentials
-from pacs_agent.delivery.dispatcher import dispatch_due
+from pacs_agent.delivery.dispatcher import dispatch_due, retry_deliveries
 from pacs_agent.delivery.outbox import queue_deliveries
+from pacs_agent.node.cli import main as cli_main
 from pacs_agent.reports import ProducedObject, RejectedInstance, write_reports
 from pacs_agent.settings import OutputSettings, Settings
 from tests.support.settings import MigratedDB
 from tests.support.ct_series import CTSeriesSpec, make_ct_series
-from tests.support.orthanc import Orthanc, dicomweb_plugin, orthanc_binary
+from tests.support.orthanc import Orthanc, dicomweb_plugin, free_port, orthanc_binary
 from tests.support.predictions import make_prediction
 
 pytestmark = [
@@ -46,10 +51,10 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         yield server
 
 
-def _deliver_by_dimse(db: MigratedDB, settings_factory: Callable[..., Settings], orthanc: Orthanc,
-                      series: Series | None, produced: list[ProducedObject]) -> None:
-    """Queue and dispatch ``produced`` to Orthanc's DICOM port with the node's dispatcher."""
-    settings = settings_factory(destinations=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}])
+def _deliver(db: MigratedDB, settings_factory: Callable[..., Settings], destination: dict[str, Any],
+             series: Series | None, produced: list[ProducedObject]) -> Settings:
+    """Queue ``produced`` for ``destination`` and run the node's dispatcher until nothing is due."""
+    settings = settings_factory(destinations=[destination])
     factory = db.session_factory
     with transaction(factory) as session:
         job = Job(series_id=series.id if series is not None else None, status=JobStatus.SUCCEEDED, reason="received")
@@ -61,11 +66,15 @@ def _deliver_by_dimse(db: MigratedDB, settings_factory: Callable[..., Settings],
     with factory() as session:
         statuses = {d.status for d in session.query(Delivery).all()}
     assert statuses == {DeliveryStatus.DELIVERED}
+    return settings
 
 
-def _deliver_by_stowrs(orthanc: Orthanc, produced: list[ProducedObject]) -> None:
-    outcomes = StowRsTarget("orthanc-web", orthanc.dicomweb_url).send([p.path for p in produced])
-    assert [(o.sop_instance_uid, o.ok) for o in outcomes] == [(p.sop_instance_uid, True) for p in produced], outcomes
+def _dimse(orthanc: Orthanc) -> dict[str, Any]:
+    return {"name": "orthanc", "kind": "dimse", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+
+
+def _stow_rs(orthanc: Orthanc, **extra: Any) -> dict[str, Any]:
+    return {"name": "orthanc-web", "kind": "stow-rs", "url": orthanc.dicomweb_url, **extra}
 
 
 def _instance(orthanc: Orthanc, sop_instance_uid: str) -> Dataset:
@@ -116,10 +125,8 @@ def test_results_and_their_retraction_reach_orthanc_by_both_transports(
     spool = migrated_db.settings.spool_root
 
     def deliver(transport: str, produced: list[ProducedObject]) -> None:
-        if transport == "dimse":
-            _deliver_by_dimse(migrated_db, settings_factory, orthanc, series, produced)
-        else:
-            _deliver_by_stowrs(orthanc, produced)
+        destination = _dimse(orthanc) if transport == "dimse" else _stow_rs(orthanc)
+        _deliver(migrated_db, settings_factory, destination, series, produced)
 
     original = _write(tmp_path / "a", spool, datasets, pe_present=True)
     assert [p.kind for p in original] == [OutputKind.SC, OutputKind.SC, OutputKind.SR, OutputKind.KOS]
@@ -187,3 +194,87 @@ def test_stowrs_to_orthanc_with_basic_auth_from_the_environment(tmp_path: Path) 
         assert (refused.ok, refused.status, refused.retryable) == (False, 401, False)
         assert wrong.echo().detail.startswith("QIDO-RS 401")
         assert not StowRsTarget("web", server.dicomweb_url).echo().ok  # no credentials at all
+
+
+def _queue(db: MigratedDB, settings: Settings, produced: list[ProducedObject], datasets: list[Dataset]) -> None:
+    with transaction(db.session_factory) as session:
+        series = Series(study_instance_uid=str(datasets[0].StudyInstanceUID), series_instance_uid=str(datasets[0].SeriesInstanceUID),
+                        state=SeriesState.ANALYSED, instance_count=len(datasets))
+        session.add(series)
+        session.flush()
+        job = Job(series_id=series.id, status=JobStatus.SUCCEEDED, reason="received")
+        session.add(job)
+        session.flush()
+        queue_deliveries(session, job, produced, settings.destinations, settings.spool_root)
+
+
+def _deliveries(db: MigratedDB) -> list[Delivery]:
+    with db.session_factory() as session:
+        return list(session.query(Delivery).order_by(Delivery.id))
+
+
+def test_stow_rs_deliveries_back_off_dead_letter_and_retry_like_dimse(
+    tmp_path: Path, migrated_db: MigratedDB, settings_factory: Callable[..., Settings]
+) -> None:
+    port = free_port()
+    destination = {"name": "web", "kind": "stow-rs", "url": f"http://127.0.0.1:{port}/dicom-web", "timeout_seconds": 5}
+    settings = settings_factory(destinations=[destination], dispatch={"max_attempts": 2, "backoff_initial_seconds": 30.0, "backoff_max_seconds": 60.0})
+    datasets = make_ct_series(CTSeriesSpec(n_slices=6, rows=32, columns=32))
+    produced = write_reports(make_prediction(datasets), datasets, OutputSettings(key_slices=1), settings.spool_root / "outbox" / "1")
+    _queue(migrated_db, settings, produced, datasets)
+    factory = migrated_db.session_factory
+
+    # Nothing listens: every object is retried after the backoff, then dead-lettered.
+    start = utcnow()
+    assert dispatch_due(factory, settings, owner="t", now=start) == len(produced)
+    first = _deliveries(migrated_db)
+    assert {(d.status, d.attempts) for d in first} == {(DeliveryStatus.PENDING, 1)}
+    assert all("STOW-RS to web failed" in d.last_error for d in first), [d.last_error for d in first]
+    assert all(d.next_attempt_at >= start + timedelta(seconds=29) for d in first)  # type: ignore[operator]
+    assert dispatch_due(factory, settings, owner="t", now=start + timedelta(seconds=10)) == 0  # not due yet
+    assert dispatch_due(factory, settings, owner="t", now=start + timedelta(seconds=31)) == len(produced)
+    assert {(d.status, d.attempts) for d in _deliveries(migrated_db)} == {(DeliveryStatus.FAILED, 2)}
+
+    # The archive comes up on that port; `retry` re-queues the dead letters and they are stored.
+    with Orthanc(tmp_path / "orthanc", dicomweb=True, http_port=port) as orthanc:
+        with transaction(factory) as session:
+            assert retry_deliveries(session, all_failed=True) == len(produced)
+        assert dispatch_due(factory, settings, owner="t") == len(produced)
+        assert {d.status for d in _deliveries(migrated_db)} == {DeliveryStatus.DELIVERED}
+        for p in produced:
+            assert _instance(orthanc, p.sop_instance_uid).SOPInstanceUID == p.sop_instance_uid
+
+
+def test_a_stow_rs_secret_that_cannot_be_read_is_retried_with_the_reason(
+    migrated_db: MigratedDB, settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PE_TEST_PACS_TOKEN", raising=False)
+    destination = {"name": "web", "kind": "stow-rs", "url": f"http://127.0.0.1:{free_port()}/dicom-web",
+                   "auth": "bearer", "token_env": "PE_TEST_PACS_TOKEN"}
+    settings = settings_factory(destinations=[destination])
+    datasets = make_ct_series(CTSeriesSpec(n_slices=6, rows=32, columns=32))
+    produced = write_reports(make_prediction(datasets), datasets, OutputSettings(key_slices=1, secondary_capture="never"),
+                             settings.spool_root / "outbox" / "1")
+    _queue(migrated_db, settings, produced, datasets)
+    assert dispatch_due(migrated_db.session_factory, settings, owner="t") == len(produced)
+    rows = _deliveries(migrated_db)
+    assert {(d.status, d.attempts) for d in rows} == {(DeliveryStatus.PENDING, 1)}
+    assert all("PE_TEST_PACS_TOKEN is not set" in d.last_error for d in rows)
+
+
+def test_pe_agent_echo_of_a_stow_rs_destination_is_a_qido_search(
+    tmp_path: Path, orthanc: Orthanc, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "agent.toml"
+    closed = free_port()
+    config.write_text(
+        f'[storage]\nroot = "{tmp_path / "spool"}"\n'
+        f'[database]\nurl = "sqlite:///{tmp_path / "db.sqlite"}"\n'
+        f'[[destinations]]\nname = "web"\nkind = "stow-rs"\nurl = "{orthanc.dicomweb_url}"\n'
+        f'[[destinations]]\nname = "down"\nkind = "stow-rs"\nurl = "http://127.0.0.1:{closed}/dicom-web"\n'
+    )
+    assert cli_main(["echo", "web", "--config", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["ok"], result["message"], result["url"]) == (True, "QIDO-RS 200", orthanc.dicomweb_url)
+    assert cli_main(["echo", "down", "--config", str(config)]) == 1
+    assert "FAILED - QIDO-RS" in capsys.readouterr().out
