@@ -607,12 +607,8 @@ def load_settings(
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)
-<<<<<<< HEAD
     data = _secondary_capture_booleans(data)
-    settings = _build(Settings, data, "")
-=======
     settings = _normalise(_build(Settings, data, ""))
->>>>>>> main
     _validate(settings)
     return settings
 

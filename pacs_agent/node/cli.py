@@ -43,11 +43,7 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import make_engine, make_session_factory, transaction
-<<<<<<< HEAD
-from pacs_agent.errors import AgentError, ConfigError, DeliveryError, QueueError, ReportError
-=======
-from pacs_agent.errors import AgentError, ConfigError, NotificationError, QueueError, ReportError
->>>>>>> main
+from pacs_agent.errors import AgentError, ConfigError, DeliveryError, NotificationError, QueueError, ReportError
 from pacs_agent.node import admin
 from pacs_agent.settings import DestinationSettings, Settings, load_settings
 
