@@ -38,7 +38,7 @@ from benchmarks.common import (
 from pacs_agent.demo.pacs import free_port
 from benchmarks.ingest import SERIES_SPEC
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 QUIET_SECONDS = 5.0
 

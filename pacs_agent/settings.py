@@ -153,28 +153,58 @@ class WorkerSettings:
 
 
 #: Values of destinations[].kind: how objects reach a destination (pacs_agent.delivery.target.build_target).
-DESTINATION_KINDS: tuple[str, ...] = ("dimse",)
+DESTINATION_KINDS: tuple[str, ...] = ("dimse", "stow-rs")
+#: Values of destinations[].auth (STOW-RS): no credentials, a bearer token, or HTTP basic auth.
+DESTINATION_AUTH_KINDS: tuple[str, ...] = ("none", "bearer", "basic")
 
 
 @dataclass(frozen=True)
 class DestinationSettings:
     name: str
-    ae_title: str
-    host: str
-    port: int
+    #: DIMSE: the PACS's AE title, host and port (unused for STOW-RS).
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    #: DIMSE: DICOM TLS with node.tls's certificate and CA.
     tls: bool = False
-    #: Transport: "dimse" (C-STORE SCU; C-ECHO to test).
+    #: Transport: "dimse" (C-STORE SCU; C-ECHO to test) or "stow-rs" (DICOMweb; QIDO-RS to test).
     kind: str = "dimse"
+    #: STOW-RS: the DICOMweb service root; objects are POSTed to {url}/studies.
+    url: str = ""
+    #: STOW-RS credentials: "none", "bearer" (token_file or token_env) or "basic" (username and
+    #: password_file or password_env). Secrets never sit in this file.
+    auth: str = "none"
+    token_file: str = ""
+    token_env: str = ""
+    username: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    #: STOW-RS over https: verify the server certificate (against ca_certificate, else the system store).
+    tls_verify: bool = True
+    ca_certificate: str = ""
+    timeout_seconds: float = 60.0
 
 
 #: The name this class had before the delivery package; kept so configurations in code keep working.
 Destination = DestinationSettings
 
 
+#: ``outputs.secondary_capture``: Grad-CAM SCs for positive and REVIEW results only, for all, or none.
+SECONDARY_CAPTURE_POLICIES = ("positive", "always", "never")
+#: ``outputs.rejection_reason``: IOCM title of the rejection note of a superseded result.
+REJECTION_REASONS = ("quality", "patient-safety")
+
+
 @dataclass(frozen=True)
 class OutputSettings:
     structured_report: bool = True
-    secondary_capture: bool = True
+    #: "positive" (CRITICAL, HIGH or REVIEW results), "always" or "never"; true/false mean always/never.
+    secondary_capture: str = "positive"
+    #: Key Object Selection ("key images") listing the key CT slices and the SCs.
+    key_images: bool = True
+    #: A re-analysis sends an IHE IOCM rejection note for every object of the result it supersedes.
+    retract_superseded: bool = True
+    rejection_reason: str = "quality"
     #: FRACTIONAL segmentation of the Grad-CAM heatmap.
     segmentation: bool = False
     #: Number of top chunks whose key slice gets a Grad-CAM secondary capture.
@@ -423,6 +453,21 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _validate_stow_rs(d: DestinationSettings) -> None:
+    """A STOW-RS destination: an http(s) URL and complete credentials (where the secret is, not the secret)."""
+    where = f"destinations.{d.name}"
+    if not re.match(r"^https?://[^/\s]+", d.url):
+        raise ConfigError(f"{where}.url: {d.url!r} is not an http:// or https:// URL of a DICOMweb service")
+    if d.auth not in DESTINATION_AUTH_KINDS:
+        raise ConfigError(f"{where}.auth: {d.auth!r} is not one of {', '.join(DESTINATION_AUTH_KINDS)}")
+    if d.auth == "bearer" and not (d.token_file or d.token_env):
+        raise ConfigError(f"{where}: auth = \"bearer\" needs token_file or token_env")
+    if d.auth == "basic" and not (d.username and (d.password_file or d.password_env)):
+        raise ConfigError(f"{where}: auth = \"basic\" needs username and password_file or password_env")
+    if d.timeout_seconds <= 0:
+        raise ConfigError(f"{where}.timeout_seconds: must be greater than 0")
+
+
 def _validate(settings: Settings) -> None:
     n = settings.node
     if not _AE_RE.match(n.ae_title) or n.ae_title.strip() != n.ae_title:
@@ -463,14 +508,25 @@ def _validate(settings: Settings) -> None:
         if d.name in names:
             raise ConfigError(f"destinations: duplicate name {d.name!r}")
         names.add(d.name)
-        if not _AE_RE.match(d.ae_title):
-            raise ConfigError(f"destinations.{d.name}.ae_title: {d.ae_title!r} is not a valid AE title")
-        if not 1 <= d.port <= 65535:
-            raise ConfigError(f"destinations.{d.name}.port: {d.port} is not a TCP port")
         if d.kind not in DESTINATION_KINDS:
             raise ConfigError(f"destinations.{d.name}.kind: {d.kind!r} is not one of {', '.join(DESTINATION_KINDS)}")
+        if d.kind == "stow-rs":
+            _validate_stow_rs(d)
+            continue
+        if not _AE_RE.match(d.ae_title):
+            raise ConfigError(f"destinations.{d.name}.ae_title: {d.ae_title!r} is not a valid AE title")
+        if not d.host:
+            raise ConfigError(f"destinations.{d.name}.host: a DIMSE destination needs a host")
+        if not 1 <= d.port <= 65535:
+            raise ConfigError(f"destinations.{d.name}.port: {d.port} is not a TCP port")
     if settings.model.precision not in MODEL_PRECISIONS:
         raise ConfigError(f"model.precision: {settings.model.precision!r} is not one of {', '.join(MODEL_PRECISIONS)}")
+    if settings.outputs.secondary_capture not in SECONDARY_CAPTURE_POLICIES:
+        raise ConfigError(
+            f"outputs.secondary_capture: {settings.outputs.secondary_capture!r} is not one of {', '.join(SECONDARY_CAPTURE_POLICIES)}"
+        )
+    if settings.outputs.rejection_reason not in REJECTION_REASONS:
+        raise ConfigError(f"outputs.rejection_reason: {settings.outputs.rejection_reason!r} is not one of {', '.join(REJECTION_REASONS)}")
     if settings.outputs.key_slices < 0:
         raise ConfigError("outputs.key_slices: must be 0 or more")
     if settings.log.format not in ("auto", "json", "console"):
@@ -541,6 +597,19 @@ def _validate_notifications(settings: Settings) -> None:
             raise ConfigError(f"notifications.{target.name}.escalate_to: must name another webhook or email entry")
 
 
+def _secondary_capture_booleans(data: dict[str, Any]) -> dict[str, Any]:
+    """``outputs.secondary_capture = true/false`` (the older boolean form) -> "always"/"never"."""
+    outputs = data.get("outputs")
+    if not isinstance(outputs, Mapping) or "secondary_capture" not in outputs:
+        return data
+    value = outputs["secondary_capture"]
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        value = value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(value, bool):
+        return {**data, "outputs": {**outputs, "secondary_capture": "always" if value else "never"}}
+    return data
+
+
 def load_settings(
     path: str | Path | None = None,
     *,
@@ -563,6 +632,7 @@ def load_settings(
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)
+    data = _secondary_capture_booleans(data)
     settings = _normalise(_build(Settings, data, ""))
     _validate(settings)
     return settings

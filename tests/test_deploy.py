@@ -99,7 +99,7 @@ def test_example_config_documents_every_key_and_its_examples_load(tmp_path: Path
     path = tmp_path / "uncommented.toml"
     path.write_text(text)
     settings = load_settings(path, environ={})
-    assert [d.name for d in settings.destinations] == ["pacs"]
+    assert [d.name for d in settings.destinations] == ["pacs", "archive-web"]  # DIMSE and STOW-RS examples
     assert [n.name for n in settings.notifications] == ["pe-team", "pe-response", "ris"]
 
 

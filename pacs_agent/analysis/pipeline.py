@@ -19,11 +19,15 @@ from pydicom.errors import InvalidDicomError
 from pacs_agent.analysis.results import AnalysisOutcome
 from pacs_agent.errors import AgentError
 from pacs_agent.logs import get_logger, protect_patient_values
-from pacs_agent.settings import OutputSettings, Settings
+from pacs_agent.settings import ModelSettings, OutputSettings, Settings
 
 if TYPE_CHECKING:
+    from pacs_agent.reports import RejectedInstance
     from pe_model.prediction import Prediction
     from pe_model.predictor import Predictor
+
+#: ``model.review_margin`` by default: the worklist flag the reports carry (REVIEW or not) needs it.
+DEFAULT_REVIEW_MARGIN: float = ModelSettings.review_margin
 
 log = get_logger(__name__)
 
@@ -124,6 +128,8 @@ def analyze_sources(
     out_dir: Path,
     *,
     previous_report: Dataset | None = None,
+    superseded: Sequence[RejectedInstance] = (),
+    review_margin: float = DEFAULT_REVIEW_MARGIN,
 ) -> AnalysisOutcome:
     """Predict on one series from its files and write its reports into ``out_dir``.
 
@@ -134,7 +140,7 @@ def analyze_sources(
     if not sources:
         raise SourceReadError("no source images were given")
     prediction = predictor.predict([source.path for source in sources])
-    return _write(prediction, report_datasets(prediction, sources), outputs, out_dir, previous_report)
+    return _write(prediction, report_datasets(prediction, sources), outputs, out_dir, previous_report, superseded, review_margin)
 
 
 def analyze_datasets(
@@ -144,25 +150,37 @@ def analyze_datasets(
     out_dir: Path,
     *,
     previous_report: Dataset | None = None,
+    superseded: Sequence[RejectedInstance] = (),
+    review_margin: float = DEFAULT_REVIEW_MARGIN,
 ) -> AnalysisOutcome:
     """Predict on one series already in memory (datasets with pixel data) and write its reports.
 
     Raises pe_model.SeriesError for a series the model cannot analyse, ReportError when writing fails.
     """
     prediction = predictor.predict(list(datasets))
-    return _write(prediction, datasets, outputs, out_dir, previous_report)
+    return _write(prediction, datasets, outputs, out_dir, previous_report, superseded, review_margin)
 
 
 def _write(
-    prediction: Prediction, datasets: Sequence[Dataset], outputs: OutputSettings, out_dir: Path, previous_report: Dataset | None
+    prediction: Prediction,
+    datasets: Sequence[Dataset],
+    outputs: OutputSettings,
+    out_dir: Path,
+    previous_report: Dataset | None,
+    superseded: Sequence[RejectedInstance],
+    review_margin: float,
 ) -> AnalysisOutcome:
     """Write the reports; the datasets' malformed demographics are repaired in place first."""
     from pacs_agent.reports import write_reports
     from pacs_agent.reports.sources import repair_demographics
+    from pacs_agent.worklist import flag_for
 
     for ds in datasets:
         repair_demographics(ds)
-    produced = write_reports(prediction, datasets, outputs, out_dir, previous_report=previous_report)
+    produced = write_reports(
+        prediction, datasets, outputs, out_dir,
+        flag=flag_for(prediction, review_margin), previous_report=previous_report, superseded=superseded,
+    )
     return AnalysisOutcome(prediction=prediction, produced=tuple(produced))
 
 

@@ -26,6 +26,7 @@ from pacs_agent.analysis.pipeline import AnalysisOutcome, SourceReadError, analy
 from pacs_agent.db.migrate import check_schema_at_head
 from pacs_agent.db.models import Instance, Job, Output, OutputKind, Result
 from pacs_agent.db.session import make_engine, make_session_factory, transaction
+from pacs_agent.db.events import record_event
 from pacs_agent.errors import AgentError, InvalidUIDError
 from pacs_agent.ingest.spool import Spool
 from pacs_agent.logs import configure_logging, get_logger, log_context
@@ -45,6 +46,7 @@ from pacs_agent.worklist import flag_for
 from pacs_agent.signals import stop_on_signals
 
 if TYPE_CHECKING:
+    from pacs_agent.reports import RejectedInstance
     from pe_model.predictor import Predictor
 
 log = get_logger(__name__)
@@ -110,15 +112,34 @@ class WorkerContext:
             log.warning("previous_report_unreadable", superseded_job_id=claimed.supersedes_job_id, error=str(exc))
             return None
 
+    def _superseded_objects(self, claimed: ClaimedJob) -> list[RejectedInstance]:
+        """Every object of the result this job supersedes, except rejection notes (they stay)."""
+        from pacs_agent.reports import RejectedInstance
+
+        if claimed.supersedes_job_id is None:
+            return []
+        with self.session_factory() as session:
+            rows = session.execute(
+                select(Output.sop_class_uid, Output.sop_instance_uid, Output.series_instance_uid)
+                .where(Output.job_id == claimed.supersedes_job_id, Output.kind != OutputKind.REJECTION)
+                .order_by(Output.id)
+            ).all()
+        return [RejectedInstance(row.sop_class_uid, row.sop_instance_uid, row.series_instance_uid) for row in rows]
+
     def analyse(self, claimed: ClaimedJob) -> AnalysisOutcome:
         """Predict from the series' files in the spool, write reports into the job's outbox folder.
 
         Headers only are kept for the reports (plus the heatmap slices): pe_model reads the pixels.
+        A re-analysis names the superseded report as predecessor and (outputs.retract_superseded)
+        rejects every object of the superseded result.
         """
         sources = read_sources(self._source_paths(claimed))
         out_dir = self.spool.job_outbox_dir(claimed.job_id)
         return analyze_sources(
-            self.predictor, sources, self.settings.outputs, out_dir, previous_report=self._previous_report(claimed)
+            self.predictor, sources, self.settings.outputs, out_dir,
+            previous_report=self._previous_report(claimed),
+            superseded=self._superseded_objects(claimed),
+            review_margin=self.settings.model.review_margin,
         )
 
     def store(self, claimed: ClaimedJob, outcome: AnalysisOutcome, seconds: float) -> None:
@@ -152,6 +173,17 @@ class WorkerContext:
             if job is None:
                 raise LeaseLostError(f"job {claimed.job_id} vanished")
             queue_deliveries(session, job, outcome.produced, self.settings.destinations, self.spool_root)
+            if claimed.supersedes_job_id is not None:
+                notes = [p for p in outcome.produced if p.kind == OutputKind.REJECTION]
+                record_event(
+                    session, entity="job", entity_id=claimed.job_id, kind="result_superseded",
+                    series_instance_uid=claimed.series_instance_uid, job_id=claimed.job_id,
+                    superseded_job_id=claimed.supersedes_job_id,
+                    retracted=bool(notes),
+                    rejection_note_sop_instance_uid=notes[0].sop_instance_uid if notes else None,
+                    rejected_objects=len(self._superseded_objects(claimed)) if notes else 0,
+                    rejection_reason=self.settings.outputs.rejection_reason if notes else None,
+                )
         log.info("job_succeeded", flag=flag.value, pe_probability=round(float(prediction.series_pe_probability), 4),
                  quality=None if prediction.quality is None else prediction.quality.status,
                  outputs=len(outcome.produced), seconds=round(seconds, 2))

@@ -83,6 +83,10 @@ class OutputKind(enum.StrEnum):
     SR = "SR"
     SC = "SC"
     SEG = "SEG"
+    #: Key Object Selection "key images" of a result.
+    KOS = "KOS"
+    #: IHE IOCM rejection note retracting a superseded result (never itself rejected).
+    REJECTION = "REJECTION"
 
 
 class Flag(enum.StrEnum):

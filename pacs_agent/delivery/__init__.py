@@ -1,1 +1,1 @@
-"""Delivery of produced objects to destinations: the Target protocol, its transports and the dispatcher."""
+"""Delivery of produced objects to destinations: the Target protocol, its transports (DIMSE C-STORE, DICOMweb STOW-RS) and the dispatcher."""

@@ -312,6 +312,13 @@ def dispatch_due(
             for item in group:
                 outcomes[item.delivery_id] = _Outcome(False, None, f"destination {name!r} is not configured", permanent=True)
             continue
-        outcomes.update(_send_to(build_target(destination, settings), group, settings.spool_root))
+        try:
+            target = build_target(destination, settings)
+        except DeliveryError as exc:  # e.g. a STOW-RS secret file that cannot be read: retried, then the dead letter
+            log.error("delivery_target_unavailable", destination=name, error=str(exc))
+            for item in group:
+                outcomes[item.delivery_id] = _Outcome(False, None, f"{name}: {exc}")
+            continue
+        outcomes.update(_send_to(target, group, settings.spool_root))
     _record(session_factory, items, outcomes, settings, owner, now)
     return len(items)

@@ -1,6 +1,6 @@
 """The Target protocol: how the dispatcher sends produced objects to one destination, whatever the transport.
 
-A transport (``dimse`` today) implements `Target`; `build_target` picks it by ``destination.kind``.
+A transport (``dimse``: DIMSE C-STORE; ``stow-rs``: DICOMweb STOW-RS) implements `Target`; `build_target` picks it by ``destination.kind``.
 The dispatcher (pacs_agent.delivery.dispatcher) keeps the bookkeeping: an object whose outcome is not
 ``ok`` is retried with backoff while ``retryable``, and fails at once otherwise.
 """
@@ -63,6 +63,10 @@ def build_target(destination: DestinationSettings, settings: Settings | None = N
         from pacs_agent.delivery.dimse import DimseTarget
 
         return DimseTarget(destination, settings)
+    if destination.kind == "stow-rs":
+        from pacs_agent.delivery.stowrs import StowRsTarget
+
+        return StowRsTarget.from_settings(destination, settings)
     raise DeliveryError(f"destination {destination.name!r}: unknown kind {destination.kind!r}")
 
 

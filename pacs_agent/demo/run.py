@@ -209,6 +209,10 @@ def write_agent_config(
         "[model]",
         f"checkpoint = {_toml_string(checkpoint)}",
         "",
+        "[outputs]",
+        "# Heatmaps for every analysed series, negatives too: they show the fixed probability colour scale.",
+        'secondary_capture = "always"',
+        "",
         "[dispatch]",
         "poll_seconds = 0.5",
         "",
@@ -328,7 +332,7 @@ def outcome_of(session: Session, pacs: EmbeddedPACS, sent: SentSeries) -> Series
 
 
 def _objects_text(objects: dict[str, int]) -> str:
-    return " + ".join(f"{count} {kind}" for kind, count in sorted(objects.items(), key=lambda kv: ("SR", "SC", "SEG").index(kv[0]))) or "0"
+    return " + ".join(f"{count} {kind}" for kind, count in sorted(objects.items(), key=lambda kv: [kind.value for kind in OutputKind].index(kv[0]))) or "0"
 
 
 def results_table(sent: Sequence[SentSeries], outcomes: dict[str, SeriesOutcome]) -> Table:

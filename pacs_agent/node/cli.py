@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -43,9 +43,9 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import make_engine, make_session_factory, transaction
-from pacs_agent.errors import AgentError, ConfigError, NotificationError, QueueError, ReportError
+from pacs_agent.errors import AgentError, ConfigError, DeliveryError, NotificationError, QueueError, ReportError
 from pacs_agent.node import admin
-from pacs_agent.settings import Settings, load_settings
+from pacs_agent.settings import DestinationSettings, Settings, load_settings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -548,7 +548,7 @@ def echo(
     as_json: JsonOption = False,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 10.0,
 ) -> None:
-    """C-ECHO a configured destination."""
+    """Test a configured destination: C-ECHO (DIMSE) or a QIDO-RS search (STOW-RS)."""
     from pacs_agent.delivery.dimse import echo as c_echo
 
     settings = _settings(config)
@@ -557,6 +557,9 @@ def echo(
         names = ", ".join(d.name for d in settings.destinations) or "none configured"
         raise UsageError(f"no destination named {destination!r} ({names})")
     dest = match[0]
+    if dest.kind == "stow-rs":
+        _echo_stow_rs(settings, dest, timeout=timeout, as_json=as_json)
+        return
     result = c_echo(
         dest, calling_ae_title=settings.dispatch.calling_ae_title or settings.node.ae_title, timeout=timeout,
         tls=settings.node.tls,
@@ -569,6 +572,29 @@ def echo(
         _print_json(data)
     else:
         typer.echo(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'ok' if result.ok else 'FAILED'} - {result.message} ({result.seconds:.2f} s)")
+    if not result.ok:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _echo_stow_rs(settings: Settings, dest: DestinationSettings, *, timeout: float, as_json: bool) -> None:
+    """`pe-agent echo` of a DICOMweb destination: QIDO-RS with its credentials and TLS settings."""
+    import time
+
+    from pacs_agent.delivery.stowrs import StowRsTarget
+
+    started = time.monotonic()
+    try:
+        target = StowRsTarget.from_settings(replace(dest, timeout_seconds=timeout), settings)
+    except DeliveryError as exc:
+        raise UsageError(f"destination {dest.name}: {exc}") from None
+    result = target.echo()
+    seconds = time.monotonic() - started
+    data = {"destination": dest.name, "kind": dest.kind, "url": dest.url, "ok": result.ok, "message": result.detail,
+            "seconds": round(seconds, 3)}
+    if as_json:
+        _print_json(data)
+    else:
+        typer.echo(f"{dest.name} ({dest.url}): {'ok' if result.ok else 'FAILED'} - {result.detail} ({seconds:.2f} s)")
     if not result.ok:
         raise typer.Exit(EXIT_FAILURE)
 
@@ -699,7 +725,7 @@ def run_analyze(settings: Settings, directory: Path, *, out_dir: Path | None, ch
             raise SourceReadError(f"{directory} holds no DICOM files")
         predictor = load_predictor(settings, checkpoint=checkpoint)
         with log_context(series_instance_uid=str(getattr(sources[0].header, "SeriesInstanceUID", ""))):
-            outcome = analyze_sources(predictor, sources, settings.outputs, out)
+            outcome = analyze_sources(predictor, sources, settings.outputs, out, review_margin=settings.model.review_margin)
     except (SeriesError, CheckpointError, SourceReadError) as exc:
         print(f"pe-agent: cannot analyse {directory}: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,10 @@ class ObjectKind(enum.StrEnum):
     SR = "SR"
     SC = "SC"
     SEG = "SEG"
+    #: Key Object Selection "key images" of a result.
+    KOS = "KOS"
+    #: IHE IOCM rejection note retracting a superseded result (never itself rejected).
+    REJECTION = "REJECTION"
 
 
 __all__ = ["ObjectKind"]

@@ -18,7 +18,7 @@ from pydicom.sr.codedict import codes as dicom_codes
 
 from pacs_agent.errors import ReportError
 from pacs_agent.reports import codes
-from pacs_agent.reports.provenance import long_string, series_description
+from pacs_agent.reports.provenance import contributing_equipment, keep_one_processing_item, long_string, series_description
 from pacs_agent.reports.sc import ranked_heatmaps
 from pacs_agent.settings import OutputSettings
 from pe_model.labels import THRESHOLD
@@ -114,7 +114,10 @@ def build_segmentation(
             series_description=series_description("AI PE heatmap segmentation", model),
             # Enhanced CT: only the key frames are kept; an all-zero array keeps its frames (SEG needs one).
             omit_empty_frames=bool(np.any(np.rint(array * 255) > 0)),
+            contributing_equipment=[contributing_equipment(model, settings.manufacturer)],
+            specific_character_set="ISO_IR 192",
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"heatmap segmentation for series {prediction.series_instance_uid} could not be built: {exc}") from exc
+    keep_one_processing_item(seg, model)
     return seg

@@ -178,3 +178,42 @@ def patient_orientation(ds: Dataset, frame_number: int | None = None) -> tuple[s
     if cosines is None or len(cosines) != 6:
         return ("L", "P")
     return (_letter(cosines[:3]), _letter(cosines[3:]))
+
+
+def image_position(ds: Dataset, frame_number: int | None = None) -> tuple[float, float, float] | None:
+    """Image Position (Patient) of a slice in mm (LPS), or None when the image does not say."""
+    values = None
+    if "ImagePositionPatient" in ds:
+        values = ds.ImagePositionPatient
+    else:
+        plane = _frame_item(ds, "PlanePositionSequence", frame_number)
+        if plane is not None and "ImagePositionPatient" in plane:
+            values = plane.ImagePositionPatient
+    if values is None or len(values) != 3:
+        return None
+    try:
+        x, y, z = (float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    return (x, y, z)
+
+
+def opposite(letter: str) -> str:
+    """The opposite patient direction of L/R/A/P/H/F."""
+    return {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}[letter]
+
+
+def pixel_spacing(ds: Dataset, frame_number: int | None = None) -> list[str] | None:
+    """Pixel Spacing (row, column; mm, as DS strings) of a slice, or None when absent or not positive."""
+    values = ds.get("PixelSpacing")
+    if values is None:
+        measures = _frame_item(ds, "PixelMeasuresSequence", frame_number)
+        values = measures.get("PixelSpacing") if measures is not None else None
+    if values is None or len(values) != 2:
+        return None
+    try:
+        if min(float(v) for v in values) <= 0:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return [str(v) for v in values]

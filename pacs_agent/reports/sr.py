@@ -1,13 +1,23 @@
-"""The findings as a Comprehensive SR with a TID 1500 measurement report.
+"""The findings as an IHE AI Results (AIR) Evaluation Result: Comprehensive 3D SR, TID 1500.
+
+Header: UTF-8 (ISO_IR 192); Contributing Equipment Sequence with one item for the algorithm
+(Processing Equipment, manufacturer, model, software version, Device UID from the checkpoint's
+sha256); Predecessor Documents Sequence naming the report a re-analysis supersedes.
 
 Layout of the content tree (PS3.16 TID 1500):
-- observation context: the model as device observer (TID 1004);
+- first, the impression: one sentence a reader understands ("Suspected central pulmonary
+  embolism, RV/LV >= 1 suggested. AI result, unverified.");
+- observation context: the model as device observer (TID 1004), Device UID as above;
 - procedure reported: CT + angiography (CID 100);
 - image library: the key slices (TID 1600);
 - imaging measurements, one TID 1501 group each:
   pulmonary embolism (presence, finding sites, clinical course, certainty = P(PE in the series)),
   one group per site (pulmonary trunk / right / left pulmonary artery, certainty = P(site)),
-  RV/LV diameter ratio >= 1 (local code, certainty = P(RV/LV >= 1));
+  RV/LV diameter ratio >= 1 (local code, certainty = P(RV/LV >= 1)),
+  worklist priority (SCT Priority = the flag CRITICAL / HIGH / REVIEW / ROUTINE),
+  input image quality (DCM Image Quality = RadLex diagnostic / limited / non-diagnostic quality);
+  every group carries the algorithm identification (TID 4019); the pulmonary embolism group's
+  source images are the key CT slices and the Grad-CAM secondary captures;
 - qualitative evaluations: TEXT comments (unverified AI output, model provenance, probabilities,
   and, on re-analysis, which report this one supersedes).
 "Certainty of Finding" is always the model's probability that the group's finding is present.
@@ -16,11 +26,12 @@ Layout of the content tree (PS3.16 TID 1500):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom
 from highdicom.sr import (
     CodedConcept,
-    ComprehensiveSR,
+    Comprehensive3DSR,
     ContainerContentItem,
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
@@ -39,16 +50,20 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 
+from pacs_agent.db.models import Flag
 from pacs_agent.errors import ReportError
 from pacs_agent.reports import codes
-from pacs_agent.reports.sources import evidence_headers, header
 from pacs_agent.reports.provenance import (
+    NOT_FOR_CLINICAL_USE,
     algorithm_identification,
+    contributing_equipment,
     device_observer_uid,
     disclaimer,
+    keep_one_processing_item,
     long_string,
     series_description,
 )
+from pacs_agent.reports.sources import evidence_headers, header
 from pacs_agent.settings import OutputSettings
 from pe_model.labels import EXAM_LABELS, THRESHOLD
 from pe_model.prediction import Prediction
@@ -97,19 +112,121 @@ def _clinical_course(prediction: Prediction) -> list[QualitativeEvaluation]:
     return [QualitativeEvaluation(name=codes.CLINICAL_COURSE, value=v) for v in values]
 
 
-def _summary(prediction: Prediction) -> str:
-    """One line a reader understands: decision and every probability."""
-    decision = "PE present" if prediction.pe_present else "no PE"
+_FLAG_CODES: dict[Flag, CodedConcept] = {
+    Flag.CRITICAL: codes.FLAG_CRITICAL,
+    Flag.HIGH: codes.FLAG_HIGH,
+    Flag.REVIEW: codes.FLAG_REVIEW,
+    Flag.ROUTINE: codes.FLAG_ROUTINE,
+}
+
+
+def impression(prediction: Prediction, flag: Flag) -> str:
+    """The sentence the report leads with, e.g.
+    "Suspected central pulmonary embolism, RV/LV >= 1 suggested. AI result, unverified."
+    """
+    labels = prediction.labels
+    if prediction.pe_present:
+        sites = [name for key, name in (("central_pe", "central"), ("rightsided_pe", "right-sided"), ("leftsided_pe", "left-sided"))
+                 if labels.get(key)]
+        where = (", ".join(sites[:-1]) + " and " + sites[-1] + " ") if len(sites) > 1 else (f"{sites[0]} " if sites else "")
+        finding = f"Suspected {where}pulmonary embolism"
+        if labels.get("acute_and_chronic_pe"):
+            finding += " (acute and chronic)"
+        elif labels.get("chronic_pe"):
+            finding += " (chronic)"
+        finding += ", RV/LV >= 1 suggested" if labels.get("rv_lv_ratio_gte_1") else ", RV/LV >= 1 not suggested"
+    elif prediction.quality is not None and not prediction.quality.passed:
+        finding = (
+            f"Non-diagnostic examination for pulmonary embolism ({prediction.quality.summary.removeprefix('non-diagnostic: ')}); "
+            "pulmonary embolism is not excluded"
+        )
+    elif labels.get("indeterminate"):
+        finding = "Indeterminate examination for pulmonary embolism (limited image quality suggested)"
+    elif flag == Flag.REVIEW:
+        finding = "No pulmonary embolism suggested, but close to the decision threshold: review"
+    else:
+        finding = "No pulmonary embolism suggested"
+    text = (
+        f"{finding}. AI result, unverified. Worklist priority {flag.value}; "
+        f"P(PE) {prediction.series_pe_probability:.2f} (threshold {THRESHOLD})."
+    )
+    if prediction.model.not_for_clinical_use:
+        text = f"{NOT_FOR_CLINICAL_USE} (synthetic demo model). " + text
+    return text
+
+
+def _probabilities(prediction: Prediction) -> str:
+    """Every probability and the labels set, for the record."""
     positives = [name for name in EXAM_LABELS if prediction.labels.get(name, False)]
     probabilities = ", ".join(f"{name}={prediction.probabilities[name]:.3f}" for name in EXAM_LABELS if name in prediction.probabilities)
-    return (
-        f"Model decision: {decision} (series PE probability {prediction.series_pe_probability:.3f}, threshold {THRESHOLD}). "
-        f"Labels set: {', '.join(positives) if positives else 'none'}. Probabilities: {probabilities}."
+    return f"Labels set: {', '.join(positives) if positives else 'none'}. Probabilities: {probabilities}."
+
+
+@dataclass(frozen=True)
+class QualityFinding:
+    """The input-quality result as the SR states it: a RadLex quality value and why."""
+
+    value: CodedConcept
+    explanation: str
+
+
+def quality_finding(prediction: Prediction) -> QualityFinding:
+    """The input-quality finding: the input-quality gate's report (``Prediction.quality``,
+    pe_model.quality) when it ran, else the model's own "indeterminate" output (the RSNA label for an
+    exam whose quality does not allow a reading).
+
+    Gate failed: non-diagnostic quality. Gate passed but something could not be measured, or the model
+    says indeterminate: limited quality. Otherwise diagnostic quality.
+    """
+    quality = prediction.quality
+    p = float(prediction.probabilities.get("indeterminate", 0.0))
+    if quality is not None:
+        if not quality.passed:
+            value = codes.NON_DIAGNOSTIC_QUALITY
+        elif not quality.verified or prediction.labels.get("indeterminate", False):
+            value = codes.LIMITED_QUALITY
+        else:
+            value = codes.DIAGNOSTIC_QUALITY
+        measured = {
+            "pulmonary trunk": (quality.pulmonary_trunk_hu, "HU"),
+            "noise": (quality.noise_hu, "HU"),
+            "contrast-to-noise": (quality.contrast_to_noise, ""),
+            "slice thickness": (quality.slice_thickness_mm, "mm"),
+            "largest slice gap": (quality.max_slice_gap_mm, "mm"),
+        }
+        values = ", ".join(f"{name} {_number(v)}{(' ' + unit) if unit else ''}" for name, (v, unit) in measured.items() if v is not None)
+        why = f"Input quality check: {value.meaning.lower()} ({quality.summary})."
+        if values:
+            why += f" Measured: {values}."
+        why += f" Model P(indeterminate) {p:.3f}."
+        return QualityFinding(value=value, explanation=why)
+    if prediction.labels.get("indeterminate", False):
+        return QualityFinding(
+            value=codes.LIMITED_QUALITY,
+            explanation=f"Input quality: the model finds the examination indeterminate (P {p:.3f}); quality may not allow a reading.",
+        )
+    return QualityFinding(
+        value=codes.DIAGNOSTIC_QUALITY,
+        explanation=f"Input quality: the model does not find the examination indeterminate (P {p:.3f}).",
     )
 
 
-def _comments(prediction: Prediction, previous_report: Dataset | None) -> ContainerContentItem:
-    texts = [disclaimer(prediction.model), _summary(prediction)]
+def _number(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _comments(prediction: Prediction, quality: QualityFinding, previous_report: Dataset | None) -> ContainerContentItem:
+    texts = [disclaimer(prediction.model), _probabilities(prediction), quality.explanation,
+             f"Model arithmetic: {prediction.precision}."]
+    if prediction.skipped_images:
+        shown = "; ".join(f"{uid} ({reason})" for uid, reason in prediction.skipped_images[:20])
+        more = f"; and {len(prediction.skipped_images) - 20} more" if len(prediction.skipped_images) > 20 else ""
+        texts.append(
+            f"{len(prediction.skipped_images)} image(s) of the series were left out of the analysis and were not "
+            f"seen by the model: {shown}{more}."
+        )
     if previous_report is not None:
         texts.append(
             f"This report supersedes the earlier report SOP Instance UID {previous_report.SOPInstanceUID} "
@@ -129,11 +246,19 @@ def build_structured_report(
     *,
     series_instance_uid: str,
     sop_instance_uid: str,
+    flag: Flag,
+    secondary_captures: Sequence[Dataset] = (),
     previous_report: Dataset | None = None,
-) -> ComprehensiveSR:
-    """The SR document of one prediction, in the source study, evidence = every source instance."""
+) -> Comprehensive3DSR:
+    """The SR document of one prediction, in the source study.
+
+    Evidence: every source instance and every secondary capture it references. ``flag``: the
+    worklist priority of this result (never ERROR: a failed analysis writes no report).
+    """
     if not source_datasets:
         raise ReportError("cannot write a report without the source images")
+    if flag not in _FLAG_CODES:
+        raise ReportError(f"a report cannot carry the worklist flag {flag.value}")
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
     key_uids = list(dict.fromkeys(k.sop_instance_uid for k in prediction.key_images))
     missing = [uid for uid in key_uids if uid not in by_uid]
@@ -163,6 +288,10 @@ def build_structured_report(
             referenced_frame_numbers=sorted(set(frames[uid])) if uid in frames else None,
         )
         for uid, ds in zip(key_uids, key_datasets, strict=True)
+    ]
+    source_images += [
+        SourceImageForMeasurementGroup(referenced_sop_class_uid=sc.SOPClassUID, referenced_sop_instance_uid=sc.SOPInstanceUID)
+        for sc in secondary_captures
     ]
     positive_sites = [FindingSite(anatomic_location=site) for label, site in _SITES if prediction.labels.get(label, False)]
     groups = [
@@ -209,6 +338,23 @@ def build_structured_report(
             ],
         )
     )
+    groups.append(
+        MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking("Worklist priority"),
+            finding_type=codes.PRIORITY,
+            algorithm_id=algorithm,
+            qualitative_evaluations=[QualitativeEvaluation(name=codes.PRIORITY, value=_FLAG_CODES[flag])],
+        )
+    )
+    quality = quality_finding(prediction)
+    groups.append(
+        MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking("Input image quality"),
+            finding_type=codes.IMAGE_QUALITY,
+            algorithm_id=algorithm,
+            qualitative_evaluations=[QualitativeEvaluation(name=codes.IMAGE_QUALITY, value=quality.value)],
+        )
+    )
     library = [ds for ds in key_datasets if _is_cross_sectional_image(ds)]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
@@ -217,11 +363,15 @@ def build_structured_report(
         title=codes.IMAGING_MEASUREMENT_REPORT,
         referenced_images=library or None,
     )
-    report[0].ContentSequence.append(_comments(prediction, previous_report))
+    root = report[0]
+    root.ContentSequence.insert(
+        0, TextContentItem(name=codes.IMPRESSION, value=impression(prediction, flag), relationship_type=RelationshipTypeValues.CONTAINS)
+    )
+    root.ContentSequence.append(_comments(prediction, quality, previous_report))
     try:
-        sr = ComprehensiveSR(
-            evidence=evidence_headers(source_datasets),
-            content=report[0],
+        sr = Comprehensive3DSR(
+            evidence=[*evidence_headers(source_datasets), *secondary_captures],
+            content=root,
             series_instance_uid=series_instance_uid,
             series_number=SR_SERIES_NUMBER,
             sop_instance_uid=sop_instance_uid,
@@ -236,7 +386,10 @@ def build_structured_report(
             coding_schemes=codes.coding_schemes(),
             manufacturer_model_name=long_string(model.name),
             software_versions=long_string(model.version),
+            contributing_equipment=[contributing_equipment(model, settings.manufacturer)],
+            specific_character_set="ISO_IR 192",
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"structured report for series {prediction.series_instance_uid} could not be built: {exc}") from exc
+    keep_one_processing_item(sr, model)
     return sr

@@ -25,7 +25,8 @@ from tests.support.orthanc import Orthanc, orthanc_binary
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk, pytest.mark.slow]
 
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (IHE AIR)
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 REPORT_TIMEOUT_S = 120.0
 
@@ -80,7 +81,8 @@ def _check_reports_in_source_study(orthanc: Orthanc, truth: PhantomTruth, output
     """Every output is in Orthanc, in the source study, in a new series, and passes dciodvfy."""
     kinds = sorted(o["kind"] for o in outputs)
     assert kinds.count("SR") == 1, kinds
-    assert kinds.count("SC") >= 1, kinds
+    assert kinds.count("SC") >= 1, kinds  # the test config asks for SCs whatever the flag
+    assert kinds.count("KOS") == 1, kinds
     for output in outputs:
         instance_id = _orthanc_instance(orthanc, output["sop_instance_uid"])
         assert instance_id is not None, f"{output['kind']} {output['sop_instance_uid']} is not in Orthanc"
@@ -95,6 +97,9 @@ def _check_reports_in_source_study(orthanc: Orthanc, truth: PhantomTruth, output
             assert dataset.SOPClassUID == COMPREHENSIVE_SR
             assert dataset.Modality == "SR"
             assert dataset.CompletionFlag == "COMPLETE" and dataset.VerificationFlag == "UNVERIFIED"
+        elif output["kind"] == "KOS":
+            assert dataset.SOPClassUID == KEY_OBJECT_SELECTION and dataset.Modality == "KO"
+            assert dataset.ConceptNameCodeSequence[0].CodeValue == "113000"  # Of Interest: the key images
         else:
             assert dataset.SOPClassUID == SECONDARY_CAPTURE
             assert dataset.Modality == tags["Modality"] != "CT"

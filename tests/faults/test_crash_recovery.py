@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 KILL_POINTS = 12
 N_SERIES = 6
 SLICES = 48
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 DISPATCH_LEASE_S = 300.0
 
 

@@ -49,7 +49,7 @@ T = TypeVar("T")
 CTPA_NAME, CTPA_ID = "PHANTOM^ENDTOEND", "E2E-PATIENT-0042"
 HEAD_NAME, HEAD_ID = "PHANTOM^HEADONLY", "E2E-PATIENT-0043"
 KEY_SLICES = 2
-OBJECTS_PER_REPORT = 1 + KEY_SLICES  # one SR, one SC per key slice
+OBJECTS_PER_REPORT = 1 + KEY_SLICES + 1  # one SR, one SC per key slice, the key-image KOS
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ poll_seconds = 0.2
 
 [outputs]
 key_slices = {KEY_SLICES}
+secondary_capture = "always"
 
 [dispatch]
 backoff_initial_seconds = 0.5
@@ -253,7 +254,7 @@ def test_node_end_to_end(tmp_path: Path, node: Node, pacs: PacsSCP, capsys: pyte
     assert {str(ds.StudyInstanceUID) for ds in received} == {ctpa.study_instance_uid}
     modalities = sorted(str(ds.Modality) for ds in received)
     assert modalities.count("SR") == 1 and len(modalities) == OBJECTS_PER_REPORT
-    sc_series = {str(ds.SeriesInstanceUID) for ds in received if ds.Modality != "SR"}
+    sc_series = {str(ds.SeriesInstanceUID) for ds in received if ds.Modality not in ("SR", "KO")}
     assert len(sc_series) == 1 and ctpa.series_instance_uid not in sc_series
     if dciodvfy_available():
         for ds in received:
@@ -298,7 +299,7 @@ def test_node_end_to_end(tmp_path: Path, node: Node, pacs: PacsSCP, capsys: pyte
     assert all(d.status == DeliveryStatus.PENDING and d.last_error for d in retried)
     # ... and delivered once PACS is back.
     pacs.start()
-    after = pacs.wait_for(2 * OBJECTS_PER_REPORT, timeout=60)
+    after = pacs.wait_for(2 * OBJECTS_PER_REPORT + 1, timeout=60)  # + the rejection note of the first result
     wait_until(lambda: all(d.status == DeliveryStatus.DELIVERED for d in deliveries_of(node.factory, new_job_id)), 30, "redelivery", node)
 
     # The new SR references (and supersedes) the first one.
@@ -311,6 +312,11 @@ def test_node_end_to_end(tmp_path: Path, node: Node, pacs: PacsSCP, capsys: pyte
         for ref in series_item.ReferencedSOPSequence
     ]
     assert predecessors == [first_sr.SOPInstanceUID]
+    # ... and the first result is retracted by an IOCM rejection note listing all of its objects.
+    [note] = [ds for ds in after if ds.Modality == "KO" and ds.ConceptNameCodeSequence[0].CodeValue == "113001"]
+    rejected = {str(ref.ReferencedSOPInstanceUID) for item in note.ContentSequence if "ReferencedSOPSequence" in item
+                for ref in item.ReferencedSOPSequence}
+    assert rejected == {str(ds.SOPInstanceUID) for ds in received}
 
     # The admin views and HTTP endpoints agree.
     assert cli(node, "worklist", "--json") == 0

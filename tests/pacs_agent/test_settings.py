@@ -112,3 +112,24 @@ def test_model_precision_reaches_the_predictor(tiny_checkpoint: Path, precision:
 
     settings = load_settings(None, environ={}, overrides={"model": {"precision": precision, "torch_threads": 1}})
     assert load_predictor(settings, checkpoint=str(tiny_checkpoint)).precision == resolved
+
+
+def test_stow_rs_destinations_are_validated_without_reading_their_secrets(tmp_path: Path) -> None:
+    def load(**destination: object) -> Settings:
+        return load_settings(None, environ={}, overrides={"destinations": [{"name": "web", "kind": "stow-rs", **destination}]})
+
+    ok = load(url="https://pacs/dicom-web", auth="bearer", token_file=str(tmp_path / "not-yet-there"))
+    [web] = ok.destinations
+    assert (web.kind, web.tls_verify, web.auth, web.ae_title, web.port) == ("stow-rs", True, "bearer", "", 0)
+    assert "not-yet-there" in str(ok.redacted())  # where the secret is, never the secret
+    for bad, message in [
+        ({"url": "ftp://pacs"}, "url"),
+        ({"url": "https://pacs", "auth": "kerberos"}, "auth"),
+        ({"url": "https://pacs", "auth": "bearer"}, "token_file or token_env"),
+        ({"url": "https://pacs", "auth": "basic", "password_env": "X"}, "username"),
+        ({"url": "https://pacs", "timeout_seconds": 0}, "timeout_seconds"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load(**bad)
+    with pytest.raises(ConfigError, match="host"):
+        load_settings(None, environ={}, overrides={"destinations": [{"name": "pacs", "ae_title": "PACS", "port": 104}]})

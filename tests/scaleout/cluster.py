@@ -156,7 +156,7 @@ class Cluster:
     workers: int = 3
     worker_settings: Mapping[str, Any] = field(default_factory=lambda: dict(FAST_LEASES))
     model: Mapping[str, Any] = field(default_factory=dict)
-    outputs: Mapping[str, Any] = field(default_factory=lambda: {"key_slices": 1})
+    outputs: Mapping[str, Any] = field(default_factory=lambda: {"key_slices": 1, "secondary_capture": "always", "key_images": False})
     receiver: Node | None = None
     hosts: list[WorkerHost] = field(default_factory=list)
     _engine: Engine | None = field(default=None, repr=False)

@@ -163,7 +163,7 @@ def test_concurrent_dispatchers_on_postgresql_send_each_object_once(postgres_url
                 job = Job(series_id=series.id, status=JobStatus.SUCCEEDED, reason="received")
                 session.add(job)
                 session.flush()
-                produced = write_reports(make_prediction(datasets, n_key_images=2), datasets, OutputSettings(key_slices=2),
+                produced = write_reports(make_prediction(datasets, n_key_images=2), datasets, OutputSettings(key_slices=2, key_images=False),
                                          settings.spool_root / "outbox" / str(job.id))
                 queue_deliveries(session, job, produced, settings.destinations, settings.spool_root)
         barrier = threading.Barrier(3)

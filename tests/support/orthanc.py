@@ -2,11 +2,15 @@
 
 Started with a configuration written from ``tests/orthanc/orthanc.json`` with free ports, a temporary
 storage folder, the agent declared as a DICOM modality and, optionally, the auto-routing Lua script of
-``deploy/orthanc/autoroute.lua`` as a hospital would set it up.
+``deploy/orthanc/autoroute.lua`` as a hospital would set it up; the DICOMweb plugin (Debian
+`orthanc-dicomweb`, STOW-RS / QIDO-RS / WADO-RS under ``/dicom-web``); and HTTP basic-auth users.
+(Debian's Orthanc 1.10.1 crashes on the first HTTPS request here, so HTTPS is tested against a Python
+server in tests/pacs_agent/test_stowrs.py.)
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -23,10 +27,17 @@ from pacs_agent.demo.pacs import free_port
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_TEMPLATE = ROOT / "tests" / "orthanc" / "orthanc.json"
 AUTOROUTE_LUA = ROOT / "deploy" / "orthanc" / "autoroute.lua"
+#: Where Debian's orthanc-dicomweb puts the plugin.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or (os.path.exists("/usr/sbin/Orthanc") and "/usr/sbin/Orthanc") or None
+
+
+def dicomweb_plugin() -> Path | None:
+    """The DICOMweb plugin library, or None when orthanc-dicomweb is not installed."""
+    return DICOMWEB_PLUGIN if DICOMWEB_PLUGIN.exists() else None
 
 
 @dataclass
@@ -40,6 +51,10 @@ class Orthanc:
     stable_age: int = 1
     dicom_port: int = 0
     http_port: int = 0
+    #: Load the DICOMweb plugin (STOW-RS, QIDO-RS, WADO-RS at ``dicomweb_url``).
+    dicomweb: bool = False
+    #: HTTP basic-auth users (name -> password); empty: no authentication.
+    users: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Orthanc:
@@ -52,6 +67,11 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the DICOMweb service (STOW-RS posts to ``{dicomweb_url}/studies``)."""
+        return f"{self.url}/dicom-web"
 
     def start(self) -> None:
         binary = orthanc_binary()
@@ -73,6 +93,16 @@ class Orthanc:
                 "LuaScripts": [str(AUTOROUTE_LUA)] if self.autoroute else [],
             }
         )
+        if self.dicomweb:
+            plugin = dicomweb_plugin()
+            if plugin is None:
+                raise RuntimeError("the Orthanc DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")
+            config["Plugins"] = [str(plugin)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}
+        if self.users:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = dict(self.users)
+
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
         log = (self.workdir / "orthanc.log").open("wb")
@@ -108,6 +138,9 @@ class Orthanc:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             req.add_header("Content-Type", content_type)
+        if self.users:
+            name, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode())
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read()
 

@@ -15,7 +15,7 @@ from pacs_agent.db.models import OutputKind
 from pacs_agent.settings import OutputSettings
 from phantoms import PhantomSpec, write_phantom_series
 
-OUTPUTS = OutputSettings(segmentation=True, key_slices=2, manufacturer="PE Triage Test")
+OUTPUTS = OutputSettings(segmentation=True, secondary_capture="always", key_slices=2, manufacturer="PE Triage Test")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,9 @@ def test_analysis_from_files_matches_analysis_from_datasets(series_files: list[P
                 for series in study.ReferencedSeriesSequence
                 for item in series.ReferencedSOPSequence
             }
-            assert evidence == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series_files}
+            sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series_files}
+            heatmaps = {p.sop_instance_uid for p in from_files.produced if p.kind == OutputKind.SC}
+            assert evidence == sources | heatmaps  # every source slice and the SCs it references
 
 @pytest.mark.parametrize(
     ("attributes", "message"),

@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Flag, Instance
 from pacs_agent.db.session import transaction
 from pacs_agent.logs import PATIENT_VALUES, configure_logging
 from pacs_agent.jobs.queue import cancel_job, enqueue_job, reprocess_series
+from pacs_agent.reports import secondary_captures_wanted
 from pacs_agent.settings import LogSettings, Settings
 from pacs_agent.analysis.worker import EXIT_MODEL_ERROR, EXIT_OK, run_worker
 from pacs_agent.worklist import flag_for
@@ -81,12 +83,14 @@ def test_job_succeeds_with_result_outputs_deliveries_and_flag(
         assert result.model_sha256 and result.timings_s["job"] > 0
         outputs = session.scalars(select(Output).where(Output.job_id == job.id)).all()
         kinds = sorted(o.kind for o in outputs)
-        assert kinds == [OutputKind.SC, OutputKind.SC, OutputKind.SR]
+        # The tiny random model's flag decides whether Grad-CAM SCs are made (outputs.secondary_capture = "positive").
+        heatmaps = [OutputKind.SC, OutputKind.SC] if secondary_captures_wanted(migrated_db.settings.outputs, result.flag) else []
+        assert kinds == sorted([*heatmaps, OutputKind.SR, OutputKind.KOS])
         for output in outputs:
             path = Path(migrated_db.settings.storage.root) / output.path
             assert path.parent.name == str(job.id) and pydicom.dcmread(path).SOPInstanceUID == output.sop_instance_uid
         deliveries = session.scalars(select(Delivery)).all()
-        assert len(deliveries) == 3 and {d.status for d in deliveries} == {DeliveryStatus.PENDING}
+        assert len(deliveries) == len(outputs) and {d.status for d in deliveries} == {DeliveryStatus.PENDING}
         assert session.get(Series, series.id).state == SeriesState.ANALYSED  # type: ignore[union-attr]
         study = session.get(Study, series.study_instance_uid)
         assert study is not None and study.flag == result.flag and study.job_id == job.id
@@ -138,6 +142,60 @@ def test_reprocess_report_references_the_previous_one(migrated_db: MigratedDB, t
         for item in s.ReferencedSOPSequence
     ]
     assert referenced == [srs[first.id].sop_instance_uid]
+    # The superseded result is retracted: an IOCM rejection note lists every one of its objects.
+    with migrated_db.session_factory() as session:
+        first_outputs = {o.sop_instance_uid for o in session.scalars(select(Output).where(Output.job_id == first.id))}
+        [note_row] = session.scalars(select(Output).where(Output.job_id == second.id, Output.kind == OutputKind.REJECTION)).all()
+        [event] = session.scalars(select(Event).where(Event.kind == "result_superseded", Event.job_id == second.id)).all()
+        assert session.scalars(select(Delivery).where(Delivery.output_id == note_row.id)).one().status == DeliveryStatus.PENDING
+    note = pydicom.dcmread(root / note_row.path)
+    assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+    rejected = {
+        str(item.ReferencedSOPInstanceUID)
+        for study in note.CurrentRequestedProcedureEvidenceSequence
+        for s in study.ReferencedSeriesSequence
+        for item in s.ReferencedSOPSequence
+    }
+    assert rejected == first_outputs
+    assert event.detail["retracted"] is True and event.detail["superseded_job_id"] == first.id
+    assert event.detail["rejected_objects"] == len(first_outputs)
+    assert event.detail["rejection_note_sop_instance_uid"] == note_row.sop_instance_uid
+
+    # A second reprocess rejects the second result, never the first rejection note.
+    with transaction(migrated_db.session_factory) as session:
+        row = session.get(Series, series.id)
+        assert row is not None
+        reprocess_series(session, row, max_attempts=3)
+    run_worker(migrated_db.settings, worker_id="w", max_jobs=1, predictor=tiny_predictor)
+    third = jobs_of(migrated_db, series.id)[2]
+    assert third.supersedes_job_id == second.id
+    with migrated_db.session_factory() as session:
+        second_outputs = {o.sop_instance_uid for o in session.scalars(
+            select(Output).where(Output.job_id == second.id, Output.kind != OutputKind.REJECTION))}
+        [third_note] = session.scalars(select(Output).where(Output.job_id == third.id, Output.kind == OutputKind.REJECTION)).all()
+    rejected_again = {
+        str(item.ReferencedSOPInstanceUID)
+        for study in pydicom.dcmread(root / third_note.path).CurrentRequestedProcedureEvidenceSequence
+        for s in study.ReferencedSeriesSequence
+        for item in s.ReferencedSOPSequence
+    }
+    assert rejected_again == second_outputs
+
+
+def test_reprocess_without_retraction_records_it(migrated_db: MigratedDB, tmp_path: Path, tiny_predictor: Any) -> None:
+    settings = replace(migrated_db.settings, outputs=replace(migrated_db.settings.outputs, retract_superseded=False))
+    series = ingest(migrated_db, tmp_path / "src")
+    run_worker(settings, worker_id="w", max_jobs=1, predictor=tiny_predictor)
+    with transaction(migrated_db.session_factory) as session:
+        row = session.get(Series, series.id)
+        assert row is not None
+        reprocess_series(session, row, max_attempts=3)
+    run_worker(settings, worker_id="w", max_jobs=1, predictor=tiny_predictor)
+    _, second = jobs_of(migrated_db, series.id)
+    with migrated_db.session_factory() as session:
+        assert not session.scalars(select(Output).where(Output.kind == OutputKind.REJECTION)).all()
+        [event] = session.scalars(select(Event).where(Event.kind == "result_superseded", Event.job_id == second.id)).all()
+    assert event.detail["retracted"] is False
 
 
 class GatedPredictor:

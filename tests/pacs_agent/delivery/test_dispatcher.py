@@ -60,7 +60,7 @@ def _job_with_outputs(
         session.add(job)
         session.flush()
         out_dir = settings.spool_root / "outbox" / str(job.id)
-        produced = write_reports(prediction, datasets, OutputSettings(key_slices=key_slices), out_dir)
+        produced = write_reports(prediction, datasets, OutputSettings(key_slices=key_slices, key_images=False, secondary_capture="always"), out_dir)
         queue_deliveries(session, job, produced, settings.destinations, settings.spool_root)
         return job.id, produced
 
@@ -82,7 +82,7 @@ def test_queue_deliveries_records_outputs_relative_to_the_spool(migrated_db: Mig
     job_id, produced = _job_with_outputs(migrated_db.session_factory, settings)
     with migrated_db.session_factory() as session:
         outputs = list(session.scalars(select(Output).order_by(Output.id)))
-        assert [o.kind for o in outputs] == [OutputKind.SR, OutputKind.SC, OutputKind.SC]
+        assert [o.kind for o in outputs] == [OutputKind.SC, OutputKind.SC, OutputKind.SR]
         assert [o.sop_instance_uid for o in outputs] == [p.sop_instance_uid for p in produced]
         assert all(o.job_id == job_id and not Path(o.path).is_absolute() for o in outputs)
         assert all((settings.spool_root / o.path).is_file() for o in outputs)
@@ -221,9 +221,9 @@ def test_missing_output_file_fails_at_once(migrated_db: MigratedDB, settings_fac
         produced[0].path.unlink()
         assert dispatch_due(factory, settings, owner=OWNER) == 2
         pacs.wait_for(1, timeout=5)
-    sr, sc = _deliveries(factory)
-    assert (sr.status, sr.attempts) == (DeliveryStatus.FAILED, 1) and "missing" in sr.last_error
-    assert sc.status == DeliveryStatus.DELIVERED
+    missing, present = _deliveries(factory)  # the first object's file was removed
+    assert (missing.status, missing.attempts) == (DeliveryStatus.FAILED, 1) and "missing" in missing.last_error
+    assert present.status == DeliveryStatus.DELIVERED
 
 
 def test_each_destination_is_served_on_its_own(migrated_db: MigratedDB, settings_factory: Callable[..., Settings]) -> None:
@@ -286,7 +286,7 @@ def test_sop_class_the_destination_does_not_accept_is_retried(
         _job_with_outputs(factory, settings, key_slices=1)
         assert dispatch_due(factory, settings, owner=OWNER) == 2
         pacs.wait_for(1, timeout=5)
-    sr, sc = _deliveries(factory)
+    sc, sr = _deliveries(factory)  # images are queued before the report that references them
     assert (sr.status, sr.attempts, sr.last_dicom_status) == (DeliveryStatus.PENDING, 1, None)
     assert "did not accept" in sr.last_error
     assert sc.status == DeliveryStatus.DELIVERED

@@ -19,7 +19,7 @@ from tests.support.ct_series import CTSeriesSpec, make_ct_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.predictions import DEMO_SHA256, make_prediction
 
-SEG_ONLY = OutputSettings(structured_report=False, secondary_capture=False, segmentation=True, key_slices=2)
+SEG_ONLY = OutputSettings(structured_report=False, secondary_capture="never", key_images=False, segmentation=True, key_slices=2)
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_segmentation_only_when_enabled(tmp_path: Path, series: list[Dataset]) -
     assert OutputKind.SEG not in {p.kind for p in default}
     enabled = write_reports(prediction, series, OutputSettings(segmentation=True), tmp_path / "b")
     assert [p.kind for p in enabled].count(OutputKind.SEG) == 1
-    assert len({p.series_instance_uid for p in enabled}) == 3  # SR, SC and SEG series
+    assert len({p.series_instance_uid for p in enabled}) == 4  # SR, SC, SEG and KOS series
 
 
 def test_fractional_segmentation_holds_the_heatmaps_of_the_key_slices(tmp_path: Path, series: list[Dataset]) -> None:

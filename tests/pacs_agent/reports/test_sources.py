@@ -86,14 +86,20 @@ def test_repair_decodes_text_before_changing_the_character_set() -> None:
     assert str(ds.PatientName) == decoded
 
 
-@pytest.mark.parametrize("mutate", [_unknown_character_set, _invalid_birth_date], ids=["unknown_character_set", "invalid_birth_date"])
-def test_source_datasets_as_received_are_refused_by_highdicom(tmp_path: Path, mutate: Callable[[Dataset], None]) -> None:
+def test_source_datasets_as_received_are_refused_by_highdicom(tmp_path: Path) -> None:
     """The failure repair_demographics exists for: the SEG writer takes its sources unrepaired."""
-    series = _received(mutate)
+    series = _received(_invalid_birth_date)
     from pacs_agent.errors import ReportError
 
     with pytest.raises(ReportError):
         write_reports(make_prediction(series, pe_present=True), series, ALL_OUTPUTS, tmp_path / "out")
+
+
+def test_an_unknown_source_character_set_still_gives_utf8_outputs(tmp_path: Path) -> None:
+    """Every writer names ISO_IR 192 itself, so a source's unknown term never reaches an output."""
+    series = _received(_unknown_character_set)
+    produced = write_reports(make_prediction(series, pe_present=True), series, ALL_OUTPUTS, tmp_path / "out")
+    assert {pydicom.dcmread(p.path).SpecificCharacterSet for p in produced} == {"ISO_IR 192"}
 
 
 @pytest.mark.parametrize("mutate", [_unknown_character_set, _invalid_birth_date], ids=["unknown_character_set", "invalid_birth_date"])
@@ -104,7 +110,7 @@ def test_analysis_writes_valid_reports_despite_malformed_demographics(
     predictor = _FixedPredictor(make_prediction(series, pe_present=True))
     outcome = analyze_datasets(predictor, series, ALL_OUTPUTS, tmp_path / "out")  # type: ignore[arg-type]
     kinds = sorted(p.kind.value for p in outcome.produced)
-    assert kinds == sorted([OutputKind.SR.value, OutputKind.SC.value, OutputKind.SC.value, OutputKind.SEG.value])
+    assert kinds == sorted([OutputKind.SR.value, OutputKind.SC.value, OutputKind.SC.value, OutputKind.SEG.value, OutputKind.KOS.value])
     for produced in outcome.produced:
         written = pydicom.dcmread(produced.path)
         assert written.StudyInstanceUID == series[0].StudyInstanceUID
