@@ -177,10 +177,10 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
         pool.start()
         scheduler.start()
         if settings.http.enabled:
-            from pacs_agent.http import HealthProbes, HTTPServer
+            from pacs_agent.node.web import HealthProbes, WebServer
 
-            http_server = HTTPServer(
-                settings.http.host, settings.http.port, factory,
+            http_server = WebServer(
+                settings, factory,
                 HealthProbes(receiver_listening=lambda: receiver.is_running, workers_alive=lambda: (pool.alive(), pool.expected)),
             )
             http_server.start()

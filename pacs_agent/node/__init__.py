@@ -1,0 +1,1 @@
+"""The node's processes and the ways people steer it (CLI, web dashboard)."""

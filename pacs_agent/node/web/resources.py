@@ -1,0 +1,348 @@
+"""The dashboard's resources, read from the database: one JSON shape per resource (docs/API.md).
+
+The HTML pages render the same dictionaries the JSON API returns, so a page and ``/api/...`` never
+disagree. Patient identifiers (name, ID, accession number) are None unless
+``http.show_patient_identifiers``; then they are read from a received image of the series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pacs_agent.db.models import (
+    Delivery,
+    DeliveryStatus,
+    Event,
+    Flag,
+    Instance,
+    Job,
+    JobStatus,
+    Output,
+    OutputKind,
+    Result,
+    Series,
+    Study,
+    Worker,
+    utcnow,
+)
+from pacs_agent.metrics import STAGE_EVENT_KINDS, Stage
+from pacs_agent.node.web.dicom_views import DicomViewError, patient_identifiers
+from pacs_agent.queue import queue_depth
+from pacs_agent.worklist import flag_counts
+
+ACKNOWLEDGED_KIND = STAGE_EVENT_KINDS[Stage.ACKNOWLEDGED]
+#: Most events shown for one series.
+EVENTS_LIMIT = 500
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass
+class IdentifierPolicy:
+    """Whether patient identifiers are shown, and a small cache of those read from the spool."""
+
+    show: bool
+    spool_root: Path
+    _cache: dict[str, dict[str, str] | None] = field(default_factory=dict)
+
+    def for_series(self, session: Session, series_id: int) -> dict[str, str] | None:
+        """{"patient_name", "patient_id", "accession_number"} of a series, or None when hidden or gone."""
+        if not self.show:
+            return None
+        path = session.scalars(select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id).limit(1)).first()
+        if path is None:
+            return None
+        if path in self._cache:
+            return self._cache[path]
+        root = self.spool_root.resolve()
+        absolute = (root / path).resolve()
+        found: dict[str, str] | None = None
+        if absolute.is_relative_to(root):
+            try:
+                ids = patient_identifiers(absolute)
+                found = {"patient_name": ids.patient_name, "patient_id": ids.patient_id, "accession_number": ids.accession_number}
+            except DicomViewError:
+                found = None
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[path] = found
+        return found
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def acknowledgement_dict(event: Event | None) -> dict[str, Any] | None:
+    if event is None:
+        return None
+    return {"by": str(event.detail.get("user", "")), "at": iso(event.at), "note": str(event.detail.get("note", ""))}
+
+
+def acknowledgements(session: Session, study_uids: Sequence[str]) -> dict[str, Event]:
+    """The first acknowledgement event of each study (absent: not acknowledged)."""
+    found: dict[str, Event] = {}
+    if not study_uids:
+        return found
+    for event in session.scalars(
+        select(Event).where(Event.entity == "study", Event.kind == ACKNOWLEDGED_KIND, Event.entity_id.in_(list(study_uids)))
+        .order_by(Event.id)
+    ):
+        found.setdefault(event.entity_id, event)
+    return found
+
+
+def study_dict(study: Study, *, acknowledged: Event | None, identifiers: dict[str, str] | None) -> dict[str, Any]:
+    """A worklist entry (the CLI's ``worklist --json`` entry, identifiers masked, plus its acknowledgement)."""
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "flag": study.flag.value,
+        "pe_probability": None if study.pe_probability is None else round(study.pe_probability, 6),
+        "summary": study.summary,
+        "series_instance_uid": study.series_instance_uid,
+        "job_id": study.job_id,
+        "first_received_at": iso(study.first_received_at),
+        "updated_at": iso(study.updated_at),
+        "accession_number": identifiers["accession_number"] if identifiers else None,
+        "patient": {"name": identifiers["patient_name"], "id": identifiers["patient_id"]} if identifiers else None,
+        "acknowledged": acknowledgement_dict(acknowledged),
+    }
+
+
+def series_dict(series: Series) -> dict[str, Any]:
+    return {
+        "id": series.id,
+        "study_instance_uid": series.study_instance_uid,
+        "series_instance_uid": series.series_instance_uid,
+        "calling_ae_title": series.calling_ae_title,
+        "modality": series.modality,
+        "series_description": series.series_description,
+        "instance_count": series.instance_count,
+        "state": series.state.value,
+        "ignore_reason": series.ignore_reason,
+        "input_priority": series.input_priority,
+        "first_received_at": iso(series.first_received_at),
+        "last_received_at": iso(series.last_received_at),
+    }
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "series_instance_uid": job.series.series_instance_uid,
+        "study_instance_uid": job.series.study_instance_uid,
+        "status": job.status.value,
+        "priority": job.priority,
+        "reason": job.reason,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "not_before": iso(job.not_before),
+        "lease_owner": job.lease_owner,
+        "lease_expires_at": iso(job.lease_expires_at),
+        "error": job.error,
+        "model_version": job.model_version,
+        "supersedes_job_id": job.supersedes_job_id,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+    }
+
+
+def input_quality(result: Result) -> dict[str, Any]:
+    """Input-quality measurements stored with a result (none in results written before they were measured)."""
+    stored = getattr(result, "input_quality", None) or getattr(result, "quality", None)
+    if isinstance(stored, dict):
+        return stored
+    nested = (result.probabilities or {}).get("input_quality") if isinstance(result.probabilities, dict) else None
+    return nested if isinstance(nested, dict) else {}
+
+
+def result_dict(result: Result | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "flag": result.flag.value,
+        "pe_present": result.pe_present,
+        "pe_probability": result.pe_probability,
+        "probabilities": result.probabilities,
+        "labels": result.labels,
+        "key_images": result.key_images,
+        "input_quality": input_quality(result),
+        "model": {"name": result.model_name, "version": result.model_version, "sha256": result.model_sha256},
+        "timings_s": result.timings_s,
+        "created_at": iso(result.created_at),
+    }
+
+
+def delivery_dict(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "output_id": delivery.output_id,
+        "destination": delivery.destination,
+        "status": delivery.status.value,
+        "attempts": delivery.attempts,
+        "next_attempt_at": iso(delivery.next_attempt_at),
+        "last_dicom_status": None if delivery.last_dicom_status is None else f"0x{delivery.last_dicom_status:04X}",
+        "last_error": delivery.last_error,
+        "delivered_at": iso(delivery.delivered_at),
+    }
+
+
+def output_dict(output: Output) -> dict[str, Any]:
+    return {
+        "id": output.id,
+        "job_id": output.job_id,
+        "kind": output.kind.value,
+        "sop_class_uid": output.sop_class_uid,
+        "sop_instance_uid": output.sop_instance_uid,
+        "series_instance_uid": output.series_instance_uid,
+        "path": output.path,
+        "image_url": f"/outputs/{output.id}/image.png" if output.kind == OutputKind.SC else None,
+        "deliveries": [delivery_dict(d) for d in sorted(output.deliveries, key=lambda d: d.id)],
+    }
+
+
+def event_dict(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "at": iso(event.at),
+        "entity": event.entity,
+        "entity_id": event.entity_id,
+        "kind": event.kind,
+        "from_state": event.from_state,
+        "to_state": event.to_state,
+        "series_instance_uid": event.series_instance_uid,
+        "job_id": event.job_id,
+        "detail": event.detail,
+    }
+
+
+def worker_dict(worker: Worker, *, alive_after: datetime) -> dict[str, Any]:
+    return {
+        "id": worker.id,
+        "hostname": worker.hostname,
+        "pid": worker.pid,
+        "started_at": iso(worker.started_at),
+        "heartbeat_at": iso(worker.heartbeat_at),
+        "current_job_id": worker.current_job_id,
+        "alive": worker.stopped_at is None and worker.heartbeat_at >= alive_after,
+    }
+
+
+def job_detail(job: Job) -> dict[str, Any]:
+    return {**job_dict(job), "result": result_dict(job.result), "outputs": [output_dict(o) for o in job.outputs]}
+
+
+# ---------------------------------------------------------------- queries
+
+
+def worklist(session: Session, policy: IdentifierPolicy, *, flags: Sequence[Flag] = (), unacknowledged_only: bool = False,
+             limit: int = 500) -> list[dict[str, Any]]:
+    """Worklist entries, most urgent flag first, then oldest first (as `pe-agent worklist`)."""
+    stmt = select(Study).order_by(Study.flag_rank, Study.first_received_at, Study.study_instance_uid)
+    if flags:
+        stmt = stmt.where(Study.flag.in_(list(flags)))
+    studies = list(session.scalars(stmt.limit(limit)))
+    acks = acknowledgements(session, [s.study_instance_uid for s in studies])
+    if unacknowledged_only:
+        studies = [s for s in studies if s.study_instance_uid not in acks]
+    out = []
+    for study in studies:
+        identifiers = None
+        if policy.show:
+            series_id = session.scalars(select(Series.id).where(Series.series_instance_uid == study.series_instance_uid)).first()
+            identifiers = policy.for_series(session, series_id) if series_id is not None else None
+        out.append(study_dict(study, acknowledged=acks.get(study.study_instance_uid), identifiers=identifiers))
+    return out
+
+
+def worklist_counts(session: Session) -> dict[str, int]:
+    return flag_counts(session)
+
+
+def series_detail(session: Session, series: Series) -> dict[str, Any]:
+    events = session.scalars(
+        select(Event).where(Event.series_instance_uid == series.series_instance_uid).order_by(Event.id.desc()).limit(EVENTS_LIMIT)
+    )
+    return {
+        **series_dict(series),
+        "jobs": [job_detail(j) for j in series.jobs],
+        "events": [event_dict(e) for e in reversed(list(events))],
+    }
+
+
+def study_detail(session: Session, policy: IdentifierPolicy, study_instance_uid: str) -> dict[str, Any] | None:
+    """{"study": worklist entry or None (not analysed yet), "series": [series detail], "events": study events}; None if unknown."""
+    series_rows = list(session.scalars(select(Series).where(Series.study_instance_uid == study_instance_uid).order_by(Series.id)))
+    if not series_rows:
+        return None
+    study = session.get(Study, study_instance_uid)
+    entry = None
+    if study is not None:
+        acks = acknowledgements(session, [study_instance_uid])
+        flagged = next((s for s in series_rows if s.series_instance_uid == study.series_instance_uid), series_rows[0])
+        entry = study_dict(study, acknowledged=acks.get(study_instance_uid), identifiers=policy.for_series(session, flagged.id))
+    study_events = session.scalars(
+        select(Event).where(Event.entity == "study", Event.entity_id == study_instance_uid).order_by(Event.id)
+    )
+    return {
+        "study": entry,
+        "series": [series_detail(session, s) for s in series_rows],
+        "events": [event_dict(e) for e in study_events],
+    }
+
+
+def jobs(session: Session, *, statuses: Sequence[JobStatus] = (), limit: int = 100) -> list[dict[str, Any]]:
+    stmt = select(Job).order_by(Job.id.desc()).limit(limit)
+    if statuses:
+        stmt = stmt.where(Job.status.in_(list(statuses)))
+    return [job_dict(j) for j in session.scalars(stmt)]
+
+
+def deliveries(session: Session, *, statuses: Sequence[DeliveryStatus] = (), limit: int = 200) -> list[dict[str, Any]]:
+    """Deliveries, newest first, each with what it carries (output kind, job, study)."""
+    stmt = select(Delivery, Output, Series).join(Output, Delivery.output_id == Output.id).join(Job, Output.job_id == Job.id) \
+        .join(Series, Job.series_id == Series.id).order_by(Delivery.id.desc()).limit(limit)
+    if statuses:
+        stmt = stmt.where(Delivery.status.in_(list(statuses)))
+    return [
+        {**delivery_dict(d), "output_kind": o.kind.value, "job_id": o.job_id, "study_instance_uid": s.study_instance_uid,
+         "series_instance_uid": s.series_instance_uid}
+        for d, o, s in session.execute(stmt).all()
+    ]
+
+
+def delivery_counts(session: Session) -> dict[str, int]:
+    counts = {s.value: 0 for s in DeliveryStatus}
+    for status, count in session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)):
+        counts[DeliveryStatus(status).value] = int(count)
+    return counts
+
+
+def workers(session: Session, *, heartbeat_seconds: float) -> list[dict[str, Any]]:
+    alive_after = utcnow() - timedelta(seconds=max(3 * heartbeat_seconds, 30.0))
+    return [
+        worker_dict(w, alive_after=alive_after)
+        for w in session.scalars(select(Worker).where(Worker.stopped_at.is_(None)).order_by(Worker.started_at))
+    ]
+
+
+def queue_overview(session: Session, *, heartbeat_seconds: float) -> dict[str, Any]:
+    """The queue page: job counts, active and recently failed jobs, workers, deliveries not yet delivered."""
+    open_statuses = (DeliveryStatus.PENDING, DeliveryStatus.SENDING, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
+    return {
+        "jobs": queue_depth(session),
+        "active_jobs": jobs(session, statuses=(JobStatus.QUEUED, JobStatus.RUNNING)),
+        "failed_jobs": jobs(session, statuses=(JobStatus.FAILED,), limit=50),
+        "workers": workers(session, heartbeat_seconds=heartbeat_seconds),
+        "deliveries": delivery_counts(session),
+        "open_deliveries": deliveries(session, statuses=open_statuses),
+    }
