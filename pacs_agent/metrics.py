@@ -96,17 +96,31 @@ def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
 
 
 def study_timelines(session: Session, *, limit: int = WINDOW) -> list[StudyTimeline]:
-    """Timelines of the most recent ``limit`` studies whose flag comes from an automatic analysis."""
-    rows = session.execute(
-        select(Study.study_instance_uid, Study.flag, Job.id, Job.created_at, Series.series_instance_uid,
-               Series.last_received_at, Result.created_at)
-        .join(Job, Study.job_id == Job.id)
-        .join(Series, Job.series_id == Series.id)
-        .outerjoin(Result, Result.job_id == Job.id)
-        .where(Job.reason != "reprocess")
+    """Timelines of the most recent ``limit`` studies: the flagged series and its latest automatic analysis.
+
+    A study re-analysed by hand keeps the timeline of its automatic analysis (the one people were
+    told about); a study with only re-analyses has none.
+    """
+    flagged = session.execute(
+        select(Study.study_instance_uid, Study.flag, Series.id, Series.series_instance_uid, Series.last_received_at)
+        .join(Series, Series.series_instance_uid == Study.series_instance_uid)
         .order_by(Study.first_received_at.desc())
         .limit(limit)
     ).all()
+    automatic: dict[int, tuple[int, datetime, datetime | None]] = {}  # series id -> (job id, job created, result created)
+    for chunk in _chunks([r[2] for r in flagged]):
+        for series_id, job_id, created, analysed_at in session.execute(
+            select(Job.series_id, Job.id, Job.created_at, Result.created_at)
+            .outerjoin(Result, Result.job_id == Job.id)
+            .where(Job.series_id.in_(chunk), Job.reason != "reprocess", Job.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED)))
+            .order_by(Job.id)
+        ):
+            automatic[int(series_id)] = (int(job_id), created, analysed_at)
+    rows = [
+        (study_uid, flag, automatic[series_id][0], automatic[series_id][1], series_uid, last_image, automatic[series_id][2])
+        for study_uid, flag, series_id, series_uid, last_image in flagged
+        if series_id in automatic
+    ]
     if not rows:
         return []
     series_uids = [r[4] for r in rows]

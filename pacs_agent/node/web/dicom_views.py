@@ -22,7 +22,15 @@ from pacs_agent.errors import AgentError
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 #: Deepest SR content level shown (1: the document's direct children).
 SR_MAX_DEPTH = 3
-SR_MAX_ITEMS = 60
+SR_MAX_ITEMS = 80
+#: Observation-context items (TID 1001/1002/1004): who and in what language, not what was found.
+SR_CONTEXT_ITEMS = frozenset({
+    "Language of Content Item and Descendants", "Observer Type", "Device Observer UID", "Device Observer Name",
+    "Device Observer Manufacturer", "Device Observer Model Name", "Device Observer Serial Number",
+    "Device Observer Physical Location During Observation", "Country of Language",
+})
+#: Subtrees that list the source images (TID 1600), shown elsewhere on the page as the series.
+SR_SKIPPED_SUBTREES = frozenset({"Image Library"})
 
 
 class DicomViewError(AgentError):
@@ -121,6 +129,8 @@ def _value(item: Dataset) -> str:
 def _walk(items: Iterator[Dataset] | list[Dataset], depth: int) -> Iterator[SRItem]:
     for item in items:
         name = _concept(item)
+        if name in SR_CONTEXT_ITEMS or name in SR_SKIPPED_SUBTREES:
+            continue
         value = _value(item)
         if name or value:
             yield SRItem(depth=depth, name=name, value=value)
