@@ -431,7 +431,8 @@ def test_tls(start_server: Callable[..., WebServer], tmp_path: Path) -> None:
         answer = http.get("/healthz")
         assert answer.status_code == 200 and answer.json()["status"] == "ok"
         page = http.get("/login", headers=HTML)
-        assert "secure" in page.headers["set-cookie"].lower() and "samesite=strict" in page.headers["set-cookie"].lower()
+        cookie = page.headers["set-cookie"].lower()
+        assert "secure" in cookie and "samesite=strict" in cookie and "httponly" in cookie
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
 
