@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Update, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_agent.db.models import Delivery, DeliveryStatus, Output, Series, Study
+from pacs_agent.db.models import Delivery, DeliveryStatus, Job, Output, Series, Study
 from pacs_agent.db.session import transaction
 from pacs_agent.dispatcher import retry_deliveries
 from pacs_agent.errors import AgentError, QueueError
@@ -57,8 +57,20 @@ def _audit(session: Session, actor: Actor, action: str, *, entity: str, entity_i
     )
 
 
+def _lock_first(session: Session, statement: Update) -> None:
+    """Start the transaction with a no-op UPDATE of the rows the action changes.
+
+    On SQLite a transaction that reads first and writes later fails at once with "database is
+    locked" when another process wrote in between; one that writes first waits for the lock
+    (busy timeout). On PostgreSQL the rows are locked against a concurrent action.
+    """
+    session.execute(statement.execution_options(synchronize_session=False))
+
+
 def reprocess(factory: sessionmaker[Session], actor: Actor, series_instance_uid: str, *, max_attempts: int) -> ActionOutcome:
     with transaction(factory) as session:
+        series_ids = select(Series.id).where(Series.series_instance_uid == series_instance_uid).scalar_subquery()
+        _lock_first(session, update(Job).where(Job.series_id == series_ids).values(priority=Job.priority))
         series = session.scalars(select(Series).where(Series.series_instance_uid == series_instance_uid)).first()
         if series is None:
             raise ActionRefused(f"series {series_instance_uid} is not known to this node", 404)
@@ -74,6 +86,7 @@ def reprocess(factory: sessionmaker[Session], actor: Actor, series_instance_uid:
 
 def retry(factory: sessionmaker[Session], actor: Actor, delivery_id: int) -> ActionOutcome:
     with transaction(factory) as session:
+        _lock_first(session, update(Delivery).where(Delivery.id == delivery_id).values(attempts=Delivery.attempts))
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             raise ActionRefused(f"no delivery with id {delivery_id}", 404)
@@ -103,6 +116,7 @@ def acknowledge(factory: sessionmaker[Session], actor: Actor, study_instance_uid
     """Record that ``actor`` has seen the study's result (the ``acknowledged`` stage of time to notification)."""
     note = " ".join(note.split())[:NOTE_MAX]
     with transaction(factory) as session:
+        _lock_first(session, update(Study).where(Study.study_instance_uid == study_instance_uid).values(flag_rank=Study.flag_rank))
         study = session.get(Study, study_instance_uid)
         if study is None:
             raise ActionRefused(f"study {study_instance_uid} has no result to acknowledge", 404)
