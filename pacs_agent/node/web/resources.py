@@ -100,7 +100,7 @@ def acknowledgements(session: Session, study_uids: Sequence[str]) -> dict[str, E
     return found
 
 
-def study_dict(study: Study, *, acknowledged: Event | None, identifiers: dict[str, str] | None) -> dict[str, Any]:
+def study_dict(study: Study, *, acknowledged: Event | None, identifiers: dict[str, str] | None, series: Series | None) -> dict[str, Any]:
     """A worklist entry (the CLI's ``worklist --json`` entry, identifiers masked, plus its acknowledgement)."""
     return {
         "study_instance_uid": study.study_instance_uid,
@@ -108,6 +108,8 @@ def study_dict(study: Study, *, acknowledged: Event | None, identifiers: dict[st
         "pe_probability": None if study.pe_probability is None else round(study.pe_probability, 6),
         "summary": study.summary,
         "series_instance_uid": study.series_instance_uid,
+        "series_description": series.series_description if series is not None else "",
+        "modality": series.modality if series is not None else "",
         "job_id": study.job_id,
         "first_received_at": iso(study.first_received_at),
         "updated_at": iso(study.updated_at),
@@ -254,13 +256,15 @@ def worklist(session: Session, policy: IdentifierPolicy, *, flags: Sequence[Flag
     acks = acknowledgements(session, [s.study_instance_uid for s in studies])
     if unacknowledged_only:
         studies = [s for s in studies if s.study_instance_uid not in acks]
+    flagged = {
+        s.series_instance_uid: s
+        for s in session.scalars(select(Series).where(Series.series_instance_uid.in_([st.series_instance_uid for st in studies])))
+    } if studies else {}
     out = []
     for study in studies:
-        identifiers = None
-        if policy.show:
-            series_id = session.scalars(select(Series.id).where(Series.series_instance_uid == study.series_instance_uid)).first()
-            identifiers = policy.for_series(session, series_id) if series_id is not None else None
-        out.append(study_dict(study, acknowledged=acks.get(study.study_instance_uid), identifiers=identifiers))
+        series = flagged.get(study.series_instance_uid)
+        identifiers = policy.for_series(session, series.id) if series is not None and policy.show else None
+        out.append(study_dict(study, acknowledged=acks.get(study.study_instance_uid), identifiers=identifiers, series=series))
     return out
 
 
@@ -289,7 +293,8 @@ def study_detail(session: Session, policy: IdentifierPolicy, study_instance_uid:
     if study is not None:
         acks = acknowledgements(session, [study_instance_uid])
         flagged = next((s for s in series_rows if s.series_instance_uid == study.series_instance_uid), series_rows[0])
-        entry = study_dict(study, acknowledged=acks.get(study_instance_uid), identifiers=policy.for_series(session, flagged.id))
+        entry = study_dict(study, acknowledged=acks.get(study_instance_uid), identifiers=policy.for_series(session, flagged.id),
+                           series=flagged)
     study_events = session.scalars(
         select(Event).where(Event.entity == "study", Event.entity_id == study_instance_uid).order_by(Event.id)
     )
