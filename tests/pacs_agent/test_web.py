@@ -442,3 +442,22 @@ def test_default_settings_bind_loopback_and_refuse_a_taken_port(start_server: Ca
     first = start_server()
     with pytest.raises(ConfigError, match="cannot listen"):
         start_server(port=first.port)
+
+
+def test_hash_password_command_writes_a_line_the_node_accepts(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pacs_agent.node.web.auth", "hash-password", "dr.who"], input=PASSWORD + "\n",
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith("dr.who:$argon2id$") and PASSWORD not in line
+    passwords = tmp_path / "passwd"
+    passwords.write_text(line + "\n")
+    credentials = AdminCredentials.from_files(str(passwords))
+    assert credentials.check_password("dr.who", PASSWORD) and not credentials.check_password("dr.who", PASSWORD + "x")
+    assert not credentials.check_password("nobody", PASSWORD)
+    short = subprocess.run([sys.executable, "-m", "pacs_agent.node.web.auth", "hash-password"], input="short\n",
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert short.returncode == 1 and "at least 8" in short.stderr
