@@ -169,7 +169,9 @@ def test_dashboard_in_chromium(tmp_path: Path, live_node: tuple[Node, PacsSCP, i
     browser.find_element(By.CSS_SELECTOR, "details.sr-items summary").click()
     assert "UNVERIFIED" in browser.page_source
     browser.execute_script("window.scrollTo(0, 0)")
-    browser.save_screenshot(str(screens / "03-study-critical.png"))
+    browser.set_window_size(1440, browser.execute_script("return document.documentElement.scrollHeight") + 140)
+    browser.save_screenshot(str(screens / "03-study-critical.png"))  # the whole page
+    browser.set_window_size(1440, 1000)
     study_url = browser.current_url
 
     # Reprocess without signing in: refused, nothing queued.

@@ -31,6 +31,12 @@ SR_CONTEXT_ITEMS = frozenset({
 })
 #: Subtrees that list the source images (TID 1600), shown elsewhere on the page as the series.
 SR_SKIPPED_SUBTREES = frozenset({"Image Library"})
+#: Per-measurement provenance (TID 4019 algorithm identification, tracking, sources): the page shows
+#: the model once, beside the result.
+SR_PROVENANCE_ITEMS = frozenset({
+    "Algorithm Name", "Algorithm Version", "Algorithm Manufacturer", "Algorithm Parameters", "Tracking Identifier",
+    "Tracking Unique Identifier", "Source of Measurement", "Source",
+})
 
 
 class DicomViewError(AgentError):
@@ -129,7 +135,7 @@ def _value(item: Dataset) -> str:
 def _walk(items: Iterator[Dataset] | list[Dataset], depth: int) -> Iterator[SRItem]:
     for item in items:
         name = _concept(item)
-        if name in SR_CONTEXT_ITEMS or name in SR_SKIPPED_SUBTREES:
+        if name in SR_CONTEXT_ITEMS or name in SR_SKIPPED_SUBTREES or name in SR_PROVENANCE_ITEMS:
             continue
         value = _value(item)
         if name or value:
