@@ -323,6 +323,9 @@ def load_checkpoint(ref: str | Path, *, expected_sha256: str | None = None) -> C
         card = ModelCard.from_dict(metadata["card"])
         labels = tuple(str(label) for label in metadata["labels"])
         preprocess = dict(metadata["preprocess_config"])
+        from pe_model.preprocessing import PreprocessConfig
+
+        PreprocessConfig.from_dict(preprocess)  # refuse parameters the Predictor could not run with
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {name} has invalid metadata: {exc}") from exc
     if labels != EXAM_LABELS:

@@ -1,8 +1,9 @@
 """``python -m pe_model`` / ``pe-model``: the model's prediction for one series, and a benchmark.
 
 ``predict DIR [--checkpoint X] [--device cpu] [--json]`` prints a readable summary or, with
-``--json``, ``Prediction.to_json_dict()``. A series or checkpoint that cannot be used exits with
-code 2 and one line on stderr.
+``--json``, ``Prediction.to_json_dict()``. ``import-seed --stage1 A.pth --stage2 B.pth --out M.pt
+[--seq-model tcn|gru]`` turns the authors' two state dicts into a checkpoint (pe_model.seed_import).
+A series, checkpoint or state dict that cannot be used exits with code 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=None, help="chunks per stage-1 pass")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     predict.add_argument("--verbose", action="store_true", help="log progress on stderr")
+
+    seed = commands.add_parser(
+        "import-seed", help="write a checkpoint from the seed's stage-1 and stage-2 state dicts"
+    )
+    seed.add_argument("--stage1", type=Path, required=True, help="torchvision r3d_18 state dict, fc = Linear(512, 1)")
+    seed.add_argument("--stage2", type=Path, required=True, help="PEFeatureSequentialNet state dict")
+    seed.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
+    seed.add_argument("--seq-model", choices=("tcn", "gru"), default=None,
+                      help="stage-2 kind (default: read from the state dict's keys)")
+    seed.add_argument("--name", default="pe-detection-seed", help="model name on every output")
 
     bench = commands.add_parser("benchmark", help="time predict on a synthetic phantom")
     bench.add_argument("--slices", type=int, default=400)
@@ -153,6 +164,19 @@ def _predict(args: argparse.Namespace, stdout: TextIO) -> int:
     return EXIT_OK
 
 
+def _import_seed(args: argparse.Namespace, stdout: TextIO) -> int:
+    from pe_model.seed_import import import_seed
+
+    imported = import_seed(args.stage1, args.stage2, args.out, seq_model=args.seq_model, name=args.name)
+    sequence = imported.model_config.sequence
+    stdout.write(
+        f"{imported.path} sha256={imported.sha256} (stage 1 r3d_18 width {imported.model_config.encoder_width}; "
+        f"stage 2 {sequence.kind} hidden {sequence.hidden} levels {sequence.levels} seq_len {sequence.seq_len}; "
+        "seed preprocessing)\n"
+    )
+    return EXIT_OK
+
+
 def _benchmark(args: argparse.Namespace, stdout: TextIO) -> int:
     from pe_model.benchmark import BenchmarkSpec, print_benchmark, run_benchmark
 
@@ -186,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "predict":
                 return _predict(args, stdout)
+            if args.command == "import-seed":
+                return _import_seed(args, stdout)
             return _benchmark(args, stdout)
         except PEModelError as error:
             stderr.write(f"pe-model: error: {_one_line(error)}\n")

@@ -1,4 +1,4 @@
-"""RSNA label-consistency rules and their minimal-loss correction (SEED.md).
+"""RSNA label-consistency rules and their minimal-loss correction (docs/METHOD.md).
 
 Every output we send must satisfy the rules. ``make_consistent`` builds the minimally adjusted
 consistent-positive and consistent-negative versions of the model's probabilities and keeps the
@@ -216,7 +216,7 @@ def expected_weighted_loss(
 
 
 def make_consistent(exam_probs: Mapping[str, float], chunk_probs: Iterable[float]) -> ConsistentResult:
-    """Consistent labels and probabilities with the lower expected weighted loss (SEED.md rules)."""
+    """Consistent labels and probabilities with the lower expected weighted loss (docs/METHOD.md rules)."""
     exam, chunks = _validated(exam_probs, chunk_probs)
     positive_exam, positive_chunks = _consistent_positive(exam, chunks)
     negative_exam, negative_chunks = _consistent_negative(exam, chunks)

@@ -1,4 +1,4 @@
-"""The RSNA-STR PE label set and the competition weights (SEED.md)."""
+"""The RSNA-STR PE label set and the competition weights (docs/METHOD.md)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,14 @@
-"""Preprocessing as in the seed, but fast and offline.
+"""From a Volume to the stage-1 input tensor: the one preprocessing path of training and serving.
 
 Volume (D, H, W) HU -> isotropic grid (Z, Y, X) at ``spacing_mm`` (torch bilinear in-plane, linear
 along the normal at the slices' real positions) -> crop to the lung box (classical HU threshold and
-connected components, no downloaded weights) -> each slice resized to S x S -> three windows as
-uint8 channels -> chunks (N, 3, chunk_depth, S, S), the last one zero-padded.
+connected components, no downloaded weights) plus ``crop_margin_mm`` -> each slice resized to S x S
+and windowed into three uint8 channels (the order and the windowing are parameters: the project
+resizes HU then maps each window linearly; the seed windows each crop slice by clipping and
+min-max scaling, then resizes) -> chunks (N, 3, chunk_depth, S, S), the last one zero-padded.
+
+The training cache, feature extraction, evaluation and the Predictor all call :func:`preprocess`
+with the ``PreprocessConfig`` a checkpoint records (docs/METHOD.md, "One preprocessing path").
 
 Every step is an axis-aligned affine map, so a point of a chunk's input maps back exactly onto the
 source pixel grid (``input_to_patient``, ``heatmap_to_source``).
@@ -39,9 +44,21 @@ SECOND_LUNG_MIN_FRACTION = 0.1
 _BATCH = 32
 
 
+#: Windowing functions: "linear" maps [L - W/2, L + W/2] linearly onto 0..255 (rounded);
+#: "minmax" is the seed's: clip to [L - W//2, L + W//2], then scale each slice's own min..max onto
+#: 0..255 and truncate (docs/METHOD.md, "Windowing").
+WINDOWINGS: tuple[str, ...] = ("linear", "minmax")
+#: Names of the preprocessing presets (:func:`preprocess_preset`).
+PREPROCESS_PRESETS: tuple[str, ...] = ("project", "seed")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Preprocessing parameters; stored in checkpoints so inference matches training."""
+    """Preprocessing parameters; stored in checkpoints so inference matches training.
+
+    Defaults are the ``project`` preset, which is also what a checkpoint that records none of the
+    newer fields was trained with (docs/METHOD.md).
+    """
 
     spacing_mm: float = 1.0
     #: Square slice size fed to the network.
@@ -50,6 +67,11 @@ class PreprocessConfig:
     crop_margin_mm: float = 10.0
     #: (level, width) in HU: lung, PE-specific, mediastinal.
     windows: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (100.0, 700.0), (40.0, 400.0))
+    #: One of WINDOWINGS.
+    windowing: str = "linear"
+    #: True: window each crop slice at the grid resolution, then resize the windowed image to
+    #: S x S (the seed's order). False: resize HU to S x S, then window (the project's order).
+    window_before_resize: bool = False
 
     def __post_init__(self) -> None:
         if not (self.spacing_mm > 0 and math.isfinite(self.spacing_mm)):
@@ -62,6 +84,10 @@ class PreprocessConfig:
             raise ValueError(f"crop_margin_mm must be zero or more, not {self.crop_margin_mm}")
         if not self.windows or any(len(w) != 2 or not w[1] > 0 for w in self.windows):
             raise ValueError(f"windows must be (level, width > 0) pairs, not {self.windows}")
+        if self.windowing not in WINDOWINGS:
+            raise ValueError(f"windowing must be one of {WINDOWINGS}, not {self.windowing!r}")
+        if not isinstance(self.window_before_resize, bool):
+            raise ValueError(f"window_before_resize must be true or false, not {self.window_before_resize!r}")
         # Normalise lists (from JSON) to tuples so equal configs compare and hash equal.
         object.__setattr__(self, "windows", tuple((float(l), float(w)) for l, w in self.windows))
 
@@ -73,6 +99,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; a field a checkpoint does not record takes the project default."""
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"unknown preprocessing parameters: {', '.join(sorted(unknown))}")
@@ -80,6 +107,19 @@ class PreprocessConfig:
         if "windows" in values:
             values["windows"] = tuple(tuple(w) for w in values["windows"])
         return cls(**values)
+
+
+def preprocess_preset(name: str, **overrides: Any) -> PreprocessConfig:
+    """The named preprocessing: ``project`` (linear windows on resized HU, +10 mm lung margin) or
+    ``seed`` (the published recipe: each crop slice clipped and min-max scaled, then resized; the
+    lung box without margin). ``overrides`` replace single fields (e.g. ``input_size``)."""
+    if name == "project":
+        return PreprocessConfig(**overrides)
+    if name == "seed":
+        values: dict[str, Any] = {"crop_margin_mm": 0.0, "windowing": "minmax", "window_before_resize": True}
+        values.update(overrides)
+        return PreprocessConfig(**values)
+    raise ValueError(f"unknown preprocessing preset {name!r}; choose one of {PREPROCESS_PRESETS}")
 
 
 @dataclass(frozen=True)
@@ -359,28 +399,89 @@ def apply_windows(grid: torch.Tensor, windows: tuple[tuple[float, float], ...]) 
     return out
 
 
+def apply_minmax_windows(grid: torch.Tensor, windows: tuple[tuple[float, float], ...]) -> torch.Tensor:
+    """(Z, Y, X) HU -> (len(windows), Z, Y, X) uint8, the seed's windowing of each slice.
+
+    Clip to ``[L - W // 2, L + W // 2]``, subtract the slice's minimum, divide by its new
+    maximum, times 255, truncated (float64, the seed's numpy arithmetic). A slice that is constant
+    after clipping (the seed divides by zero there) becomes 0.
+    """
+    out = torch.empty((len(windows), *grid.shape), dtype=torch.uint8)
+    step = max(1, _BATCH // 4)  # float64 temporaries: a quarter of the usual batch
+    for c, (level, width) in enumerate(windows):
+        half = math.floor(width / 2.0)
+        lower, upper = level - half, level + half
+        for b in range(0, grid.shape[0], step):
+            x = grid[b : b + step].to(torch.float64, copy=True).clamp_(lower, upper)
+            x = x - x.amin(dim=(1, 2), keepdim=True)
+            top = x.amax(dim=(1, 2), keepdim=True)
+            x.div_(torch.where(top > 0, top, torch.ones_like(top))).mul_(255.0)
+            x.masked_fill_(~(top > 0).expand_as(x), 0.0)
+            out[c, b : b + step] = x.floor_().clamp_(0.0, 255.0).to(torch.uint8)
+    return out
+
+
+def window_slices(slices: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """(Z, H, W) HU -> (channels, Z, H, W) uint8 with the configured windowing."""
+    if config.windowing == "minmax":
+        return apply_minmax_windows(slices, config.windows)
+    return apply_windows(slices, config.windows)
+
+
+def _render_slices(cropped: torch.Tensor, config: PreprocessConfig, size: int) -> torch.Tensor:
+    """Crop (Z, h, w) HU -> (channels, Z, size, size) uint8, in the configured order."""
+    z_count = cropped.shape[0]
+    channels = len(config.windows)
+    if not config.window_before_resize:
+        resized = torch.empty((z_count, size, size), dtype=torch.float32)
+        for b in range(0, z_count, _BATCH):
+            resized[b : b + _BATCH] = _resize_slices(cropped[b : b + _BATCH], (size, size))
+        return window_slices(resized, config)
+    out = torch.empty((channels, z_count, size, size), dtype=torch.uint8)
+    for b in range(0, z_count, _BATCH):
+        windowed = window_slices(cropped[b : b + _BATCH], config)  # (C, B, h, w) uint8
+        flat = windowed.reshape(-1, *windowed.shape[2:]).to(torch.float32)
+        scaled = _resize_slices(flat, (size, size)).round_().clamp_(0.0, 255.0)
+        out[:, b : b + _BATCH] = scaled.to(torch.uint8).view(channels, -1, size, size)
+    return out
+
+
+def _to_chunks(windowed: torch.Tensor, depth: int) -> torch.Tensor:
+    """(C, Z, S, S) uint8 -> (N, C, depth, S, S), the last chunk zero-padded."""
+    channels, z_count, s, _ = windowed.shape
+    n_chunks = max(1, math.ceil(z_count / depth))
+    chunks = torch.zeros((n_chunks * depth, channels, s, s), dtype=torch.uint8)
+    chunks[:z_count] = windowed.permute(1, 0, 2, 3)
+    return chunks.view(n_chunks, depth, channels, s, s).permute(0, 2, 1, 3, 4).contiguous()
+
+
 def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) -> PreprocessedSeries:
     """Volume -> network input chunks (N, 3, chunk_depth, S, S) uint8 with the maps back to the source."""
+    series, _ = preprocess_with_sizes(volume, config, ())
+    return series
+
+
+def preprocess_with_sizes(
+    volume: Volume, config: PreprocessConfig, extra_sizes: tuple[int, ...]
+) -> tuple[PreprocessedSeries, dict[int, torch.Tensor]]:
+    """:func:`preprocess`, plus the same chunks rendered at other slice sizes from the same crop.
+
+    The training cache stores the input-size chunks (what evaluation and the Predictor read) and
+    larger ones for the training crops (224 in the seed); resampling and the lung box run once.
+    """
     with torch.no_grad():
         grid, positions, source_index = resample_isotropic(volume, config.spacing_mm)
         resampled_shape = (int(grid.shape[0]), int(grid.shape[1]), int(grid.shape[2]))
         crop = lung_crop_box(grid, config.spacing_mm, config.crop_margin_mm)
         cropped = grid[crop.z0 : crop.z1, crop.y0 : crop.y1, crop.x0 : crop.x1]
-        s = config.input_size
-        z_count = cropped.shape[0]
-        resized = torch.empty((z_count, s, s), dtype=torch.float32)
-        for b in range(0, z_count, _BATCH):
-            resized[b : b + _BATCH] = _resize_slices(cropped[b : b + _BATCH], (s, s))
+        z_count = int(cropped.shape[0])
+        chunks = _to_chunks(_render_slices(cropped, config, config.input_size), config.chunk_depth)
+        extra = {
+            size: _to_chunks(_render_slices(cropped, config, size), config.chunk_depth)
+            for size in dict.fromkeys(extra_sizes)
+        }
         del grid, cropped
-        windowed = apply_windows(resized, config.windows)  # (3, Z, S, S)
-        del resized
-        depth = config.chunk_depth
-        n_chunks = max(1, math.ceil(z_count / depth))
-        chunks = torch.zeros((n_chunks * depth, len(config.windows), s, s), dtype=torch.uint8)
-        chunks[:z_count] = windowed.permute(1, 0, 2, 3)
-        del windowed
-        chunks = chunks.view(n_chunks, depth, len(config.windows), s, s).permute(0, 2, 1, 3, 4).contiguous()
-    return PreprocessedSeries(
+    series = PreprocessedSeries(
         chunks=chunks,
         num_slices=z_count,
         slice_positions_mm=positions[crop.z0 : crop.z1].copy(),
@@ -389,3 +490,4 @@ def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) ->
         resampled_shape=resampled_shape,
         config=config,
     )
+    return series, extra

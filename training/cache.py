@@ -1,13 +1,17 @@
 """Preprocessing cache: every series run once through pe_model's own preprocessing.
 
-One code path for training and inference: the cache calls ``pe_model.volume.load_series`` and
-``pe_model.preprocessing.preprocess``, the very functions the Predictor calls, only with the
-training input size (the seed resizes to 224 and crops 192 at random; evaluation resizes to 192).
+One code path for training and inference (docs/METHOD.md, "One preprocessing path"): the cache
+calls ``pe_model.volume.load_series`` and ``pe_model.preprocessing.preprocess_with_sizes``, the
+functions the Predictor calls, with the configuration the packaged checkpoint records. It stores
+the chunks at the network input size, exactly the Predictor's stage-1 input (read by validation,
+feature extraction and evaluation), and, when training crops from larger slices (the seed resizes
+to 224 and crops 192 at random), the same chunks rendered at that training size.
 
 Layout (compact and memory-mappable, never one pickle per slice)::
 
     <cache>/manifest.json                       config, one entry per finished series, failures
     <cache>/<Study>/<Series>/chunks.npy         (N, 3, chunk_depth, S, S) uint8, np.load(mmap_mode="r")
+    <cache>/<Study>/<Series>/train_chunks.npy   (N, 3, chunk_depth, T, T) uint8 when T != S
     <cache>/<Study>/<Series>/labels.npz         slice_labels (Z,), chunk_labels (N,), source_slice_index (Z,),
                                                 sop_chunk_index (D,) chunk covering each volume slice
     <cache>/<Study>/<Series>/meta.json          volume SOP Instance UIDs (D,), counts, skipped images
@@ -40,7 +44,7 @@ from training.errors import CacheError
 log = structlog.get_logger(__name__)
 
 MANIFEST_NAME: Final[str] = "manifest.json"
-CACHE_FORMAT: Final[int] = 1
+CACHE_FORMAT: Final[int] = 2
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class _Task:
     exam_labels: dict[str, int]
     root: str
     preprocess: dict[str, Any]
+    train_size: int
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ def _prepare_series(task: _Task) -> _Result:
     import torch
 
     from pe_model.errors import PEModelError
-    from pe_model.preprocessing import preprocess
+    from pe_model.preprocessing import preprocess_with_sizes
     from pe_model.volume import load_series
 
     torch.set_num_threads(1)
@@ -134,7 +139,9 @@ def _prepare_series(task: _Task) -> _Result:
         if not datasets:
             raise CacheError("no readable image")
         volume = load_series(datasets)
-        series = preprocess(volume, _preprocess_config_from_dict(task.preprocess))
+        config = _preprocess_config_from_dict(task.preprocess)
+        extra_sizes = () if task.train_size == config.input_size else (task.train_size,)
+        series, extra = preprocess_with_sizes(volume, config, extra_sizes)
     except (PEModelError, CacheError, ValueError, RuntimeError) as exc:
         return _Result(task.key, None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                        tuple(unreadable), time.perf_counter() - started)
@@ -169,6 +176,8 @@ def _prepare_series(task: _Task) -> _Result:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     np.save(tmp / "chunks.npy", np.ascontiguousarray(chunks, dtype=np.uint8))
+    for train_chunks in extra.values():
+        np.save(tmp / "train_chunks.npy", np.ascontiguousarray(train_chunks.numpy(), dtype=np.uint8))
     np.savez(tmp / "labels.npz", slice_labels=slice_labels, chunk_labels=chunk_labels,
              source_slice_index=source_index, sop_chunk_index=sop_chunk)
     meta = {
@@ -223,6 +232,8 @@ class SeriesCache:
         if manifest.get("format") != CACHE_FORMAT:
             raise CacheError(f"{manifest_path} has format {manifest.get('format')}, expected {CACHE_FORMAT}")
         self.preprocess: dict[str, Any] = dict(manifest["preprocess"])
+        self.input_size = int(self.preprocess.get("input_size", 192))
+        self.train_size = int(manifest.get("train_size", self.input_size))
         self.entries: dict[str, CacheEntry] = {
             key: CacheEntry.from_json_dict(key, data) for key, data in manifest["entries"].items()
         }
@@ -230,11 +241,21 @@ class SeriesCache:
         self._maps: dict[str, np.ndarray] = {}
 
     def chunks(self, key: str) -> np.ndarray:
-        """(N, 3, D, S, S) uint8, memory-mapped read-only (opened once per process)."""
-        array = self._maps.get(key)
+        """(N, 3, D, S, S) uint8 at the network input size (the Predictor's stage-1 input),
+        memory-mapped read-only (opened once per process)."""
+        return self._open(key, "chunks.npy")
+
+    def train_chunks(self, key: str) -> np.ndarray:
+        """(N, 3, D, T, T) uint8 at the training size T that random crops are cut from."""
+        if self.train_size == self.input_size:
+            return self.chunks(key)
+        return self._open(key, "train_chunks.npy")
+
+    def _open(self, key: str, name: str) -> np.ndarray:
+        array = self._maps.get(f"{key}/{name}")
         if array is None:
-            array = np.load(self.root / self.entries[key].directory / "chunks.npy", mmap_mode="r")
-            self._maps[key] = array
+            array = np.load(self.root / self.entries[key].directory / name, mmap_mode="r")
+            self._maps[f"{key}/{name}"] = array
         return array
 
     def labels(self, key: str) -> dict[str, np.ndarray]:
@@ -250,11 +271,12 @@ class SeriesCache:
         return state
 
 
-def _write_manifest(root: Path, preprocess_config: Mapping[str, Any], entries: Mapping[str, Any],
+def _write_manifest(root: Path, preprocess_config: Mapping[str, Any], train_size: int, entries: Mapping[str, Any],
                     failures: Mapping[str, str], problems: Sequence[Mapping[str, Any]]) -> None:
     data = {
         "format": CACHE_FORMAT,
         "preprocess": dict(preprocess_config),
+        "train_size": train_size,
         "entries": dict(sorted(entries.items())),
         "failures": dict(sorted(failures.items())),
         "problems": list(problems),
@@ -270,27 +292,37 @@ def build_cache(
     cache_dir: str | Path,
     preprocess_config: Any,
     *,
+    train_size: int | None = None,
     workers: int = 1,
     progress: bool = True,
     retry_failed: bool = False,
 ) -> CacheSummary:
     """Preprocess every series not yet in the cache, ``workers`` processes at a time.
 
-    ``preprocess_config`` is a ``pe_model.preprocessing.PreprocessConfig``. A cache built with
-    another configuration is refused (CacheError) rather than silently mixed. Series that fail
+    ``preprocess_config`` is the ``pe_model.preprocessing.PreprocessConfig`` the packaged
+    checkpoint will record (its ``input_size`` is the network input); ``train_size`` (default: the
+    input size) is the slice size training crops are cut from. A cache built with another
+    configuration is refused (CacheError) rather than silently mixed. Series that fail
     (unreadable pixels, too few slices...) are recorded under "failures" and skipped next time
     unless ``retry_failed``.
     """
     root = Path(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     config_dict = preprocess_config.to_dict()
+    size = int(preprocess_config.input_size if train_size is None else train_size)
+    if size < preprocess_config.input_size:
+        raise CacheError(f"training size {size} is smaller than the network input {preprocess_config.input_size}")
     entries: dict[str, Any] = {}
     failures: dict[str, str] = {}
     problems: list[dict[str, Any]] = []
     manifest_path = root / MANIFEST_NAME
     if manifest_path.is_file():
         existing = json.loads(manifest_path.read_text())
-        if json.loads(json.dumps(existing.get("preprocess"))) != json.loads(json.dumps(config_dict)):
+        if existing.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{root} is a cache of format {existing.get('format')}, not {CACHE_FORMAT}; "
+                             "use a new cache directory")
+        if (json.loads(json.dumps(existing.get("preprocess"))) != json.loads(json.dumps(config_dict))
+                or existing.get("train_size") != size):
             raise CacheError(
                 f"{root} was built with another preprocessing configuration; use a new cache directory"
             )
@@ -317,11 +349,12 @@ def build_cache(
                 exam_labels=dict(record.exam_labels),
                 root=str(root),
                 preprocess=config_dict,
+                train_size=size,
             )
         )
     started = time.perf_counter()
     built = failed = unreadable_files = 0
-    _write_manifest(root, config_dict, entries, failures, problems)
+    _write_manifest(root, config_dict, size, entries, failures, problems)
 
     def absorb(result: _Result) -> None:
         nonlocal built, failed, unreadable_files
@@ -338,7 +371,7 @@ def build_cache(
             failures[result.key] = result.error or "unknown error"
             failed += 1
             log.warning("cache.series_failed", key=result.key, reason=result.error)
-        _write_manifest(root, config_dict, entries, failures, problems)
+        _write_manifest(root, config_dict, size, entries, failures, problems)
 
     bar = tqdm(total=len(todo), desc="preprocess", unit="series", disable=not progress)
     try:

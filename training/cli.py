@@ -25,7 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="folder with train.csv and train/<Study>/<Series>/<SOP>.dcm")]
 WorkDir = Annotated[Path, typer.Option("--work-dir", help="output folder of the run (created, resumable)")]
-PresetName = Annotated[str, typer.Option("--preset", help="smoke | seed | demo")]
+PresetName = Annotated[str, typer.Option("--preset", help="seed | project | smoke | demo (docs/METHOD.md)")]
+NoPretrained = Annotated[bool, typer.Option("--no-pretrained", help="let the seed preset start stage 1 from random weights")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="show progress bars")]
 
@@ -124,18 +125,20 @@ def stage1(
     preset: PresetName = "seed",
     device: Device = "auto",
     init_weights: Annotated[Optional[str], typer.Option("--init-weights", help="torchvision r3d_18 state-dict file (Kinetics)")] = None,
+    no_pretrained: NoPretrained = False,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers")] = None,
     progress: Progress = True,
 ) -> None:
     """Train (or resume) the stage-1 chunk encoder; DDP under torchrun."""
     from training.distributed import init_distributed, shutdown_distributed
-    from training.stage1 import train_stage1
+    from training.stage1 import check_pretrained, train_stage1
 
+    settings = _settings(work_dir, preset, init_weights=init_weights, no_pretrained=no_pretrained,
+                         stage1_epochs=epochs, num_workers=num_workers)
+    check_pretrained(settings.stage1)
     context = init_distributed(device)
     try:
-        settings = _settings(work_dir, preset, init_weights=init_weights, stage1_epochs=epochs,
-                             num_workers=num_workers)
         paths, split, cache = _split_and_cache(work_dir)
         result = train_stage1(cache, [k for k in split.train if k in cache.entries],
                               [k for k in split.validation if k in cache.entries], settings.stage1,
@@ -153,14 +156,16 @@ def features(work_dir: WorkDir, preset: PresetName = "seed", device: Device = "a
     """Extract stage-1 features of every cached exam."""
     from training.distributed import init_distributed, shutdown_distributed
     from training.features import extract_features
+    from training.pipeline import feature_transform
 
     context = init_distributed(device)
     try:
         settings = _settings(work_dir, preset)
-        paths, _, cache = _split_and_cache(work_dir)
+        paths, split, cache = _split_and_cache(work_dir)
         extract_features(cache, sorted(cache.entries), paths.encoder, paths.features,
                          input_size=settings.stage1.input_size, context=context,
-                         batch_size=settings.feature_batch_size, amp=settings.stage1.amp, progress=progress)
+                         batch_size=settings.feature_batch_size, amp=settings.stage1.amp, progress=progress,
+                         **feature_transform(settings, [k for k in split.train if k in cache.entries]))
     finally:
         shutdown_distributed()
 
@@ -170,7 +175,7 @@ def stage2(
     work_dir: WorkDir,
     preset: PresetName = "seed",
     device: Device = "auto",
-    kind: Annotated[Optional[str], typer.Option("--kind", help="tcn | gru")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="tcn | gru (the seed's) | bigru2 (the project's)")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     progress: Progress = True,
 ) -> None:
@@ -212,9 +217,11 @@ def evaluate(
     result = evaluate_split(cache, dataset.by_key(), keys, paths.features, paths.sequence,
                             out or paths.evaluation)
     metrics = result.metrics
+    aurocs = ", ".join(f"{level} {(metrics.get(key) or {}).get('auroc')}" for level, key in
+                       (("window", "chunk"), ("window stage 1", "chunk_stage1"), ("image", "image"), ("exam PE", "exam_pe")))
     typer.echo(f"RSNA weighted log loss {metrics.get('rsna_weighted_log_loss')} "
                f"(after consistency correction {metrics.get('rsna_weighted_log_loss_corrected')}); "
-               f"files in {out or paths.evaluation}")
+               f"AUROC {aurocs}; files in {out or paths.evaluation}")
 
 
 @app.command()
@@ -246,18 +253,19 @@ def run(
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers")] = None,
     kfold: Annotated[Optional[int], typer.Option("--kfold")] = None,
     fold: Annotated[int, typer.Option("--fold")] = 0,
-    init_weights: Annotated[Optional[str], typer.Option("--init-weights")] = None,
-    kind: Annotated[Optional[str], typer.Option("--kind", help="tcn | gru")] = None,
+    init_weights: Annotated[Optional[str], typer.Option("--init-weights", help="torchvision r3d_18 state-dict file (Kinetics)")] = None,
+    no_pretrained: NoPretrained = False,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="tcn | gru (the seed's) | bigru2 (the project's)")] = None,
     progress: Progress = True,
 ) -> None:
     """prepare -> stage 1 -> features -> stage 2 -> evaluate -> package; skips what is done."""
     from training.distributed import init_distributed, shutdown_distributed
     from training.pipeline import run_pipeline
 
+    settings = _settings(work_dir, preset, cache_workers=workers, init_weights=init_weights,
+                         no_pretrained=no_pretrained, sequence_kind=kind, num_workers=num_workers)
     context = init_distributed(device)
     try:
-        settings = _settings(work_dir, preset, cache_workers=workers, init_weights=init_weights,
-                             sequence_kind=kind, num_workers=num_workers)
         model = run_pipeline(data_dir, work_dir, settings, context=context, kfold=kfold, fold=fold,
                              progress=progress)
         if context.is_main:

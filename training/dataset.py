@@ -1,7 +1,7 @@
 """The RSNA-STR PE dataset as laid out on disk: ``train.csv`` + ``train/<Study>/<Series>/<SOP>.dcm``.
 
 The reader validates the CSV (columns, 0/1 values, exam labels repeated identically on every image
-row, label consistency per SEED.md), checks that every listed file exists, and carries on without
+row, label consistency per docs/METHOD.md), checks that every listed file exists, and carries on without
 what it cannot use, reporting each problem. The same code reads the 7,279 real studies and the small
 phantom datasets the tests and the demo write in the exact same layout.
 """
@@ -119,6 +119,9 @@ class RSNADataset:
     root: Path
     series: tuple[SeriesRecord, ...]
     problems: tuple[DatasetProblem, ...] = field(default=())
+    #: Every ``<Study>_<Series>`` key the CSV lists, usable or not: the seed's split is computed
+    #: on this list, so dropping an exam moves no other exam between parts.
+    listed_keys: tuple[str, ...] = field(default=())
 
     def by_key(self) -> dict[str, SeriesRecord]:
         return {record.key: record for record in self.series}
@@ -129,7 +132,7 @@ class RSNADataset:
 
 
 def exam_label_violations(pe_present: bool, exam_labels: Mapping[str, int]) -> list[str]:
-    """Which SEED.md consistency rules the ground-truth labels of one exam break (empty when none)."""
+    """Which consistency rules (docs/METHOD.md) the ground-truth labels of one exam break (empty when none)."""
     lab = {name: int(exam_labels[name]) for name in EXAM_LABELS}
     broken: list[str] = []
     if pe_present:
@@ -318,7 +321,8 @@ def read_rsna_dataset(
         raise DatasetError(f"{root} holds no usable exam ({len(problems)} problem(s) found)")
     log.info("dataset.read", root=str(root), exams=len(records),
              images=sum(len(r.sop_instance_uids) for r in records), problems=len(problems))
-    return RSNADataset(root=root, series=tuple(records), problems=tuple(problems))
+    listed = tuple(f"{study}_{series}" for study, series in exams)
+    return RSNADataset(root=root, series=tuple(records), problems=tuple(problems), listed_keys=listed)
 
 
 def _unreadable_reason(path: Path) -> str | None:
@@ -370,8 +374,10 @@ def seed_split(keys: Iterable[str], *, seed: int = SEED_SPLIT_SEED, n_test: int 
                n_validation: int | None = None) -> Split:
     """The seed's split: unique keys sorted, shuffled with ``np.random.seed(seed)``; test first, then validation.
 
-    Bit-for-bit the seed notebook's order (legacy RandomState shuffle of the sorted list), so the
-    same 1,000 test exams come out on the real data.
+    Bit-for-bit the seed's ``data_splits.ipynb`` (legacy RandomState shuffle of the sorted list of
+    every ``<Study>_<Series>`` in train.csv), so the same 1,000 test exams come out on the real
+    data. Give it the full CSV list (``RSNADataset.listed_keys``), not the usable exams, and drop
+    unusable exams afterwards (:func:`usable_split`).
     """
     unique = sorted(set(keys))
     default_test, default_validation = split_sizes(len(unique))
@@ -388,6 +394,14 @@ def seed_split(keys: Iterable[str], *, seed: int = SEED_SPLIT_SEED, n_test: int 
         validation=tuple(order[n_test:n_test + n_validation]),
         test=tuple(order[:n_test]),
     )
+
+
+def usable_split(split: Split, usable: Iterable[str]) -> Split:
+    """``split`` without the exams that are not in ``usable``; every other exam keeps its part."""
+    keep = set(usable)
+    return Split(train=tuple(k for k in split.train if k in keep),
+                 validation=tuple(k for k in split.validation if k in keep),
+                 test=tuple(k for k in split.test if k in keep))
 
 
 def patient_group(patient_id: str, *, salt: str = "pe-triage") -> str:

@@ -4,7 +4,10 @@ Writes ``submission.csv`` (Kaggle format, after the consistency correction, as a
 must be), ``metrics.json`` (RSNA weighted log loss before and after correction, per-label AUROC
 with 95% DeLong CI, sensitivity/specificity, violation counts), ``report.md`` and ROC PNGs.
 Image-level probabilities: each source image takes the PE probability of the chunk that covers
-it (images outside the lung crop take the nearest chunk's).
+it (images outside the lung crop take the nearest chunk's). AUROC is reported at the three levels
+a reader of the paper and of the competition expects (docs/METHOD.md, "Evaluation"): window
+(chunk: ``chunk`` from stage 2's chunk head, ``chunk_stage1`` from stage 1's own logit, the level
+the paper reports), image (``image``) and exam (``labels`` per exam label, ``exam_pe``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pe_model.labels import EXAM_LABELS
 from training.cache import SeriesCache
 from training.dataset import SeriesRecord
 from training.errors import TrainingError
-from training.metrics import evaluate_predictions
+from training.features import load_exam_features
+from training.metrics import evaluate_predictions, label_summary
 from training.report import write_report, write_submission_csv
 from training.stage2 import load_sequence_model, predict_exams
 
@@ -68,8 +72,15 @@ def evaluate_split(
     image_true: list[np.ndarray] = []
     image_pred: list[np.ndarray] = []
     image_fixed: list[np.ndarray] = []
+    chunk_true: list[np.ndarray] = []
+    chunk_pred: list[np.ndarray] = []
+    chunk_stage1: list[np.ndarray] = []
     for i, key in enumerate(keys):
         exam_probs, chunk_probs = predictions[key]
+        stored = load_exam_features(features_dir, key)
+        chunk_true.append(np.asarray(cache.entries[key].chunk_labels, dtype=np.float64))
+        chunk_pred.append(chunk_probs)
+        chunk_stage1.append(1.0 / (1.0 + np.exp(-stored.chunk_logits.astype(np.float64))))
         consistent = make_consistent({n: float(p) for n, p in zip(EXAM_LABELS, exam_probs, strict=True)},
                                      [float(p) for p in chunk_probs])
         for j, name in enumerate(EXAM_LABELS):
@@ -81,6 +92,10 @@ def evaluate_split(
         image_fixed.append(image_probabilities(cache, record, np.array(consistent.chunk_probabilities)))
     metrics = evaluate_predictions(exam_true, exam_pred, image_true, image_pred,
                                    exam_pred_corrected=exam_fixed, image_pred_corrected=image_fixed)
+    windows_true = np.concatenate(chunk_true)
+    metrics["chunk"] = label_summary(windows_true, np.concatenate(chunk_pred))
+    metrics["chunk_stage1"] = label_summary(windows_true, np.concatenate(chunk_stage1))
+    metrics["n_chunks"] = int(windows_true.shape[0])
     submission = out / "submission.csv"
     write_submission_csv(
         submission,
@@ -92,6 +107,8 @@ def evaluate_split(
     files = [submission, *write_report(out, metrics, exam_true, exam_pred,
                                        np.concatenate(image_true), np.concatenate(image_pred))]
     log.info("evaluate.done", exams=len(keys), rsna_weighted_log_loss=metrics.get("rsna_weighted_log_loss"),
+             chunk_auroc=metrics["chunk"]["auroc"], chunk_stage1_auroc=metrics["chunk_stage1"]["auroc"],
+             image_auroc=metrics["image"]["auroc"],
              rsna_weighted_log_loss_corrected=metrics.get("rsna_weighted_log_loss_corrected"),
              folder=str(out))
     return EvaluationResult(metrics=metrics, files=tuple(files))

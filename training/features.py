@@ -1,18 +1,24 @@
-"""Feature extraction: the trained stage-1 encoder over every cached chunk (evaluation transform).
+"""Feature extraction: the trained stage-1 encoder over every cached chunk.
+
+Exams are read as the Predictor reads them (the cache's input-size chunks), except the exams in
+``augmented_keys``: the seed extracts its stage-2 *training* features with the stage-1 training
+transform (random crop of the 224 px slices, rare rotation), one pass, so stage 2 learns on
+features like those stage 1 was trained on (docs/METHOD.md, "Stage-2 training features").
 
 Writes one ``<key>.npz`` per exam holding ``features`` (N, F) float32, ``chunk_logits`` (N,)
 (stage 1's own PE logit) and ``chunk_labels`` (N,), plus ``features.json`` naming the encoder
-it came from. Exams already extracted with the same encoder are skipped; under torchrun each
-rank extracts its share of the exams.
+it came from and the augmented exams. Exams already extracted with the same encoder are skipped;
+under torchrun each rank extracts its share of the exams.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -72,21 +78,35 @@ def extract_features(
     num_workers: int = 0,
     amp: bool = True,
     progress: bool = True,
+    augmented_keys: Collection[str] = (),
+    augmentation: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> Path:
-    """Extract features of ``keys`` (this rank's share) into ``features_dir``; returns the folder."""
+    """Extract features of ``keys`` (this rank's share) into ``features_dir``; returns the folder.
+
+    ``augmented_keys`` are read through the training transform ``augmentation`` (ChunkDataset
+    keyword arguments, ``Stage1Config.augmentation()``), seeded per exam with ``seed``.
+    """
     out = Path(features_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder_digest = _file_digest(Path(encoder_path))
+    augmented = sorted(set(augmented_keys) & set(keys))
+    if augmented and augmentation is None:
+        raise TrainingError("augmented feature extraction needs the training transform's settings")
+    stamp_data = {"encoder_sha256": encoder_digest, "input_size": input_size,
+                  "augmented_keys": augmented, "augmentation": dict(augmentation or {}) if augmented else {},
+                  "seed": seed}
     stamp_path = out / "features.json"
     if stamp_path.is_file():
         stamp = json.loads(stamp_path.read_text())
-        if stamp.get("encoder_sha256") != encoder_digest or stamp.get("input_size") != input_size:
+        if {k: stamp.get(k) for k in stamp_data} != json.loads(json.dumps(stamp_data)):
             raise TrainingError(
-                f"{out} holds features of another encoder or input size; remove it to re-extract"
+                f"{out} holds features of another encoder, input size or transform; remove it to re-extract"
             )
     context.barrier()
     if context.is_main:
-        stamp_path.write_text(json.dumps({"encoder_sha256": encoder_digest, "input_size": input_size}))
+        stamp_path.write_text(json.dumps(stamp_data))
+    augmented_set = set(augmented)
     mine = [k for i, k in enumerate(keys) if i % context.world_size == context.rank]
     todo = [k for k in mine if not feature_path(out, k).is_file()]
     device = context.device
@@ -95,7 +115,11 @@ def extract_features(
         encoder = encoder.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     bar = tqdm(total=len(todo), desc="features", unit="exam", disable=not (progress and context.is_main))
     for key in todo:
-        dataset = ChunkDataset(cache, [key], input_size=input_size, train=False)
+        if key in augmented_set:
+            torch.manual_seed(seed + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+            dataset = ChunkDataset(cache, [key], input_size=input_size, train=True, **dict(augmentation or {}))
+        else:
+            dataset = ChunkDataset(cache, [key], input_size=input_size, train=False)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         feats: list[np.ndarray] = []
         logits: list[np.ndarray] = []

@@ -7,7 +7,7 @@ real RSNA-STR data compute the same numbers. Conventions:
   :data:`pe_model.labels.EXAM_LABELS`;
 - image (or chunk) labels and predictions are sequences of ``E`` one-dimensional arrays, one per exam,
   holding that exam's images in any order;
-- a prediction is positive when its probability is strictly above the threshold (SEED.md uses ``> 0.5``).
+- a prediction is positive when its probability is strictly above the threshold (docs/METHOD.md: ``> 0.5``).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def rsna_weighted_log_loss(
     image_pred: Sequence[np.ndarray],
     eps: float = 1e-15,
 ) -> float:
-    """The RSNA-STR competition metric, exactly as SEED.md defines it (lower is better).
+    """The RSNA-STR competition metric, exactly as docs/METHOD.md defines it (lower is better).
 
     ``total = (sum_ij w_j BCE_ij + sum_ik w q_i BCE_ik) / (sum_ij w_j + sum_ik w q_i)`` with exam label
     weights ``w_j``, image weight ``w`` and ``q_i`` = positive images / images of exam ``i``. The images of
@@ -268,7 +268,7 @@ def threshold_at_specificity(y_true: np.ndarray, y_score: np.ndarray, specificit
 def count_violations(
     pe_probabilities: np.ndarray | Sequence[np.ndarray], exam_pred: Mapping[str, np.ndarray]
 ) -> int:
-    """Number of exams whose outputs break at least one SEED.md consistency rule.
+    """Number of exams whose outputs break at least one consistency rule (docs/METHOD.md).
 
     The rules are those of :func:`pe_model.consistency.violations`, the same check the predictor's
     outputs pass, so training and inference count violations alike.
@@ -296,6 +296,11 @@ def count_violations(
 
 def _none_if_nan(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
+
+
+def label_summary(truth: np.ndarray, scores: np.ndarray, threshold: float = THRESHOLD) -> dict[str, Any]:
+    """AUROC [95% DeLong CI], class counts and the operating point at ``threshold`` of one binary label."""
+    return _label_summary(np.asarray(truth), np.asarray(scores), threshold)
 
 
 def _label_summary(truth: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:

@@ -274,6 +274,10 @@ def _markdown(metrics: Mapping[str, Any], figures: Sequence[Path]) -> str:
         summary = metrics.get("labels", {}).get(label)
         if summary is not None:
             lines.append(_row(label, summary))
+    if metrics.get("chunk"):
+        lines.append(_row("window (chunk), stage 2", metrics["chunk"]))
+    if metrics.get("chunk_stage1"):
+        lines.append(_row("window (chunk), stage 1", metrics["chunk_stage1"]))
     if image:
         lines.append(_row(IMAGE_LABEL, image))
     if metrics.get(EXAM_PE_KEY):

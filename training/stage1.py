@@ -1,10 +1,11 @@
 """Stage 1: the R3D-18 chunk encoder trained on chunk-level PE labels from the cache.
 
-Seed defaults: Adam 4e-4, batch 16, 20 epochs, BCE on one logit; training chunks come from the
-cache at 224 and are randomly cropped to 192 (the same crop for the whole chunk), with a rare
-small rotation; validation chunks are resized to 192. AMP (bf16, else fp16 + GradScaler) and
-channels_last_3d on CUDA. One state file per epoch allows resuming after an interruption; the
-encoder with the best validation AUROC is kept.
+The seed's recipe (docs/METHOD.md, "Stage 1"): Kinetics-400 initialisation, Adam 4e-4, batch 16,
+20 epochs, BCE on one logit; training chunks come from the cache at 224 and are randomly cropped
+to 192 (the same crop for the whole chunk), rotated by 0-15 degrees with probability 15/360;
+validation reads the cache's input-size chunks, the Predictor's exact input. AMP (bf16, else
+fp16 + GradScaler) and channels_last_3d on CUDA. One state file per epoch allows resuming after
+an interruption; the encoder with the best validation AUROC is kept.
 """
 
 from __future__ import annotations
@@ -72,10 +73,27 @@ class Stage1Config:
     validation_chunks: int | None = None
     #: A torchvision r3d_18 state-dict file (Kinetics) to start from (width 64 only).
     init_weights: str | None = None
+    #: Refuse to start without ``init_weights`` (the seed starts from Kinetics-400).
+    pretrained_required: bool = False
+    #: Rotation angles in [-deg, deg] (True) or the seed's [0, deg] (False).
+    rotation_symmetric: bool = True
+    #: grid_sample padding of a rotated chunk: "zeros" or the seed's "border".
+    rotation_padding: str = "zeros"
     amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rotation_padding not in ("zeros", "border", "reflection"):
+            raise TrainingError(f"rotation_padding must be zeros, border or reflection, not {self.rotation_padding!r}")
+        if not 0.0 <= self.rotation_probability <= 1.0:
+            raise TrainingError(f"rotation_probability must be in [0, 1], not {self.rotation_probability}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def augmentation(self) -> dict[str, Any]:
+        """The training transform's settings, as ChunkDataset keyword arguments."""
+        return {"rotation_probability": self.rotation_probability, "rotation_degrees": self.rotation_degrees,
+                "rotation_symmetric": self.rotation_symmetric, "rotation_padding": self.rotation_padding}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Stage1Config:
@@ -83,20 +101,34 @@ class Stage1Config:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def resize_chunk(chunk: Tensor, size: int) -> Tensor:
-    """Resize the slices of one uint8 chunk (3, D, S, S) to (3, D, size, size) (evaluation path)."""
-    if chunk.shape[-1] == size and chunk.shape[-2] == size:
-        return chunk
-    slices = chunk.permute(1, 0, 2, 3).float()  # (D, 3, S, S)
-    resized = F.interpolate(slices, size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=True)
-    return resized.round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()
+KINETICS_HINT = (
+    "torchvision's r3d_18 Kinetics-400 state dict (R3D_18_Weights.KINETICS400_V1): where torchvision is "
+    "installed run python -c \"import torch, torchvision; torch.save(torchvision.models.video.r3d_18("
+    "weights='KINETICS400_V1').state_dict(), 'r3d_18_kinetics400.pth')\", or download "
+    "https://download.pytorch.org/models/r3d_18-b3b3357e.pth"
+)
 
 
-def augment_chunk(chunk: Tensor, size: int, rotation_probability: float, rotation_degrees: float) -> Tensor:
+def check_pretrained(config: Stage1Config, *, read_weights: bool = True) -> None:
+    """Refuse a run whose recipe starts from Kinetics-400 weights it was not given, or was given a
+    file that is not a torchvision r3d_18 state dict for this encoder, before hours of caching."""
+    if config.pretrained_required and not config.init_weights:
+        raise TrainingError(
+            "this preset starts stage 1 from Kinetics-400 weights: give --init-weights PATH, "
+            f"{KINETICS_HINT}; or --no-pretrained to start from random weights"
+        )
+    if config.init_weights and read_weights:
+        if not Path(config.init_weights).is_file():
+            raise TrainingError(f"--init-weights {config.init_weights} does not exist; it should be {KINETICS_HINT}")
+        R3D18(width=config.encoder_width, num_classes=1).load_torchvision_state_dict(config.init_weights)
+
+
+def augment_chunk(chunk: Tensor, size: int, rotation_probability: float, rotation_degrees: float, *,
+                  symmetric: bool = True, padding: str = "zeros") -> Tensor:
     """Training path: random ``size`` crop shared by all slices, then rarely a small rotation.
 
-    chunk (3, D, S, S) uint8 with S >= size -> (3, D, size, size) uint8.
+    chunk (3, D, S, S) uint8 with S >= size -> (3, D, size, size) uint8. The angle is uniform in
+    [-deg, deg] (``symmetric``) or in [0, deg] (the seed); ``padding`` is grid_sample's.
     """
     side = chunk.shape[-1]
     if side < size:
@@ -105,12 +137,13 @@ def augment_chunk(chunk: Tensor, size: int, rotation_probability: float, rotatio
     left = int(torch.randint(0, side - size + 1, ()).item())
     out = chunk[:, :, top:top + size, left:left + size]
     if rotation_probability > 0 and float(torch.rand(())) < rotation_probability:
-        angle = math.radians(float(torch.empty(()).uniform_(-rotation_degrees, rotation_degrees)))
+        low = -rotation_degrees if symmetric else 0.0
+        angle = math.radians(float(torch.empty(()).uniform_(low, rotation_degrees)))
         cos, sin = math.cos(angle), math.sin(angle)
         theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)
         slices = out.permute(1, 0, 2, 3).float()  # (D, 3, s, s)
         grid = F.affine_grid(theta.expand(slices.shape[0], 2, 3), list(slices.shape), align_corners=False)
-        rotated = F.grid_sample(slices, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        rotated = F.grid_sample(slices, grid, mode="bilinear", padding_mode=padding, align_corners=False)
         out = rotated.round_().clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3)
     return out.contiguous()
 
@@ -118,16 +151,25 @@ def augment_chunk(chunk: Tensor, size: int, rotation_probability: float, rotatio
 class ChunkDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
     """Every chunk of the given exams, read from the memory-mapped cache.
 
+    ``train``: random crops (and rotations) of the training-size chunks; otherwise the cache's
+    input-size chunks unchanged, the Predictor's own stage-1 input.
     Items: (chunk (3, D, s, s) uint8, label () float32, aux target (9,) float32).
     """
 
     def __init__(self, cache: SeriesCache, keys: Sequence[str], *, input_size: int, train: bool,
-                 rotation_probability: float = 0.0, rotation_degrees: float = 15.0) -> None:
+                 rotation_probability: float = 0.0, rotation_degrees: float = 15.0,
+                 rotation_symmetric: bool = True, rotation_padding: str = "zeros") -> None:
+        if not train and cache.input_size != input_size:
+            raise TrainingError(
+                f"the cache holds {cache.input_size} px network inputs, not the {input_size} px this step needs"
+            )
         self.cache = cache
         self.input_size = input_size
         self.train = train
         self.rotation_probability = rotation_probability
         self.rotation_degrees = rotation_degrees
+        self.rotation_symmetric = rotation_symmetric
+        self.rotation_padding = rotation_padding
         index: list[tuple[str, int]] = []
         labels: list[int] = []
         aux: list[np.ndarray] = []
@@ -154,11 +196,12 @@ class ChunkDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         key, c = self.index[i]
-        chunk = torch.from_numpy(np.array(self.cache.chunks(key)[c]))  # copy out of the memory map
         if self.train:
-            chunk = augment_chunk(chunk, self.input_size, self.rotation_probability, self.rotation_degrees)
+            chunk = torch.from_numpy(np.array(self.cache.train_chunks(key)[c]))  # copy out of the memory map
+            chunk = augment_chunk(chunk, self.input_size, self.rotation_probability, self.rotation_degrees,
+                                  symmetric=self.rotation_symmetric, padding=self.rotation_padding)
         else:
-            chunk = resize_chunk(chunk, self.input_size)
+            chunk = torch.from_numpy(np.array(self.cache.chunks(key)[c]))
         return (chunk, torch.tensor(float(self.labels[i])), torch.from_numpy(self.aux_targets[i]))
 
 
@@ -340,6 +383,7 @@ def train_stage1(
     needed to resume: weights, optimizer, scaler, epoch, history). Re-running after an
     interruption continues after the last finished epoch.
     """
+    check_pretrained(config, read_weights=False)  # they are read just below
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = context.device
@@ -376,8 +420,7 @@ def train_stage1(
         log.info("stage1.resume", from_epoch=start_epoch)
 
     train_set = ChunkDataset(cache, train_keys, input_size=config.input_size, train=True,
-                             rotation_probability=config.rotation_probability,
-                             rotation_degrees=config.rotation_degrees)
+                             **config.augmentation())
     validation_chunks = ChunkDataset(cache, validation_keys, input_size=config.input_size, train=False)
     validation_set: ChunkDataset | Subset[tuple[Tensor, Tensor, Tensor]] = validation_chunks
     if config.validation_chunks is not None:

@@ -1,9 +1,11 @@
 """Stage 2: the multitask sequence model over each exam's chunk features.
 
-Seed defaults: TCN (or bidirectional GRU) over sequences fitted to ``seq_len`` 40 (padding +
-mask when shorter, the seed's linear resize when longer), Adam 5e-4, batch 64, up to 200 epochs,
-the epoch with the lowest validation loss kept. The loss is the RSNA weighted log loss
-(training.loss), chunk terms weighted by 0.0736 * q_i.
+The seed's recipe (docs/METHOD.md, "Stage 2"): TCN (or its one-layer bidirectional GRU) over
+sequences fitted to ``seq_len`` 40 (zero padding + mask when shorter, the seed's linear resize
+when longer), Adam 5e-4, batch 64, 200 epochs, StepLR(20, 0.9), the seed's loss normalisation,
+the epoch with the lowest validation loss (normalised as the competition metric) kept. The
+project's variant (``bigru2`` two-layer GRU, masked padding, the metric's normalisation as the
+loss, no scheduler) stays available through the same settings.
 """
 
 from __future__ import annotations
@@ -28,15 +30,22 @@ from pe_model.networks.sequence import SequenceConfig, SequenceModel, fit_sequen
 from training.distributed import DistributedContext, broadcast_flag
 from training.errors import CheckpointStateError, TrainingError
 from training.features import ExamFeatures, load_exam_features
-from training.loss import exam_label_weights, rsna_weighted_loss
+from training.loss import exam_label_weights, rsna_weighted_loss, seed_loss
 from training.stage1 import EpochSampler
 
 log = structlog.get_logger(__name__)
 
 
+#: Stage-2 sequence models: the seed's TCN, the seed's GRU (one bidirectional layer), and the
+#: project's two-layer bidirectional GRU.
+STAGE2_KINDS: tuple[str, ...] = ("tcn", "gru", "bigru2")
+STAGE2_LOSSES: tuple[str, ...] = ("seed", "rsna")
+FEATURE_MODES: tuple[str, ...] = ("eval", "augmented")
+
+
 @dataclass(frozen=True)
 class Stage2Config:
-    """Hyper-parameters of stage 2 (defaults: the seed's)."""
+    """Hyper-parameters of stage 2 (defaults: the project's variant; ``seed`` preset: the seed's)."""
 
     kind: str = "tcn"
     hidden: int = 128
@@ -51,10 +60,29 @@ class Stage2Config:
     #: Stop after this many epochs without a better validation loss (None: run every epoch).
     patience: int | None = None
     seed: int = 0
-    #: Chunk terms are weighted 0.0736 * q_i (SEED.md), which gives the chunks of PE-negative
+    #: Chunk terms are weighted 0.0736 * q_i (docs/METHOD.md), which gives the chunks of PE-negative
     #: exams no weight at all. A floor > 0 (``0.0736 * max(q_i, floor)``) also teaches the chunk
     #: head to stay low on negative exams, which the consistency rules read as "no PE".
     chunk_weight_floor: float = 0.0
+    #: "seed" (training.loss.seed_loss) or "rsna" (the metric's normalisation, the project's).
+    loss: str = "rsna"
+    #: StepLR every ``lr_step`` epochs by ``lr_gamma`` (the seed: 20, 0.9); None: constant rate.
+    lr_step: int | None = None
+    lr_gamma: float = 1.0
+    #: Padded steps: "seed" (the seed's arithmetic) or "masked" (pe_model.networks.sequence).
+    padding: str = "masked"
+    #: Training exams' features: "augmented" (the seed: stage-1 training transform) or "eval".
+    train_features: str = "eval"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE2_KINDS:
+            raise TrainingError(f"stage-2 kind must be one of {', '.join(STAGE2_KINDS)}, not {self.kind!r}")
+        if self.loss not in STAGE2_LOSSES:
+            raise TrainingError(f"stage-2 loss must be one of {', '.join(STAGE2_LOSSES)}, not {self.loss!r}")
+        if self.train_features not in FEATURE_MODES:
+            raise TrainingError(f"train_features must be one of {', '.join(FEATURE_MODES)}")
+        if self.lr_step is not None and self.lr_step < 1:
+            raise TrainingError("lr_step must be a positive number of epochs")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,9 +93,13 @@ class Stage2Config:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def sequence_config(self, feature_dim: int) -> SequenceConfig:
-        return SequenceConfig(kind=self.kind, feature_dim=feature_dim, hidden=self.hidden,
-                              levels=self.levels, kernel_size=self.kernel_size, dropout=self.dropout,
-                              seq_len=self.seq_len, num_labels=len(EXAM_LABELS))
+        """The network: ``levels`` TCN blocks; the seed's GRU has one layer, ``bigru2`` two."""
+        kind = "tcn" if self.kind == "tcn" else "gru"
+        levels = self.levels if self.kind == "tcn" else (1 if self.kind == "gru" else 2)
+        return SequenceConfig(kind=kind, feature_dim=feature_dim, hidden=self.hidden,
+                              levels=levels, kernel_size=self.kernel_size, dropout=self.dropout,
+                              seq_len=self.seq_len, num_labels=len(EXAM_LABELS), padding=self.padding,
+                              bidirectional=True)
 
 
 def resize_steps(values: np.ndarray, length: int) -> np.ndarray:
@@ -148,9 +180,13 @@ class Stage2Result:
     history: tuple[dict[str, float | None], ...]
 
 
-def _batch_loss(model: nn.Module, batch: Sequence[Tensor], device: torch.device, floor: float = 0.0) -> Tensor:
+def _batch_loss(model: nn.Module, batch: Sequence[Tensor], device: torch.device, floor: float = 0.0,
+                loss: str = "rsna") -> Tensor:
     features, mask, chunk_targets, step_weights, q, exam_targets = (t.to(device) for t in batch)
     output = model(features, mask)
+    if loss == "seed":
+        return seed_loss(output.exam_logits, exam_targets, output.chunk_logits, chunk_targets, step_weights,
+                         q.clamp_min(floor), mask)
     return rsna_weighted_loss(output.exam_logits, exam_targets, output.chunk_logits, chunk_targets,
                               step_weights, q.clamp_min(floor))
 
@@ -196,6 +232,8 @@ def train_stage2(
     sequence_config = config.sequence_config(train_set.feature_dim)
     net = SequenceModel(sequence_config).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+                 if config.lr_step is not None else None)
     start_epoch = 0
     history: list[dict[str, float | None]] = []
     best_loss: float | None = None
@@ -210,6 +248,8 @@ def train_stage2(
             )
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
         history = list(state["history"])
         best_loss = state["best_loss"]
@@ -234,14 +274,17 @@ def train_stage2(
         total = 0.0
         batches = 0
         for batch in loader:
-            loss = _batch_loss(model, batch, device, config.chunk_weight_floor)
+            loss = _batch_loss(model, batch, device, config.chunk_weight_floor, config.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.item())
             batches += 1
         record: dict[str, float | None] = {"epoch": float(epoch), "train_loss": total / max(batches, 1),
-                                           "validation_loss": None}
+                                           "validation_loss": None,
+                                           "learning_rate": float(optimizer.param_groups[0]["lr"])}
+        if scheduler is not None:
+            scheduler.step()  # after the epoch, as the seed steps it
         if context.is_main:
             evaluated = validation_set if len(validation_set) else train_set
             val = validation_loss(net, evaluated, device, config.batch_size)
@@ -254,6 +297,7 @@ def train_stage2(
                 stale += 1
             tmp = out / "state.pt.tmp"
             torch.save({"config": config.to_dict(), "net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else {},
                         "epoch": epoch, "history": history, "best_loss": best_loss, "best_epoch": best_epoch,
                         "stale": stale}, tmp)
             tmp.replace(state_path)

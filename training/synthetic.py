@@ -1,7 +1,7 @@
 """Synthetic datasets in the exact RSNA-STR layout, made from pe_model's phantoms.
 
 ``train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` plus a ``train.csv`` with
-all 17 columns and labels consistent per SEED.md, so the real pipeline runs on it unchanged.
+all 17 columns and labels consistent per docs/METHOD.md, so the real pipeline runs on it unchanged.
 A ``phantom_truth.json`` beside it keeps what the CSV cannot say (clot centres in patient mm)
 for the demo's localisation check; the pipeline itself never reads it.
 """

@@ -4,8 +4,12 @@ As in the seed (Ma et al. 2022): each step sees ``[x, x - x_prev, x - x_next]``;
 convolutional network (causal, dilated, residual, as the seed's locuslab TCN) or a bidirectional
 GRU encodes the sequence; a per-step head gives each chunk's PE logit; each of the nine exam
 labels has its own attention pooling, concatenated with max pooling, then a linear logit.
-Unlike the seed, padded steps get exactly zero attention, are left out of max pooling and do not
-leak into the difference features or the GRU's backward pass.
+Padding (``SequenceConfig.padding``): ``"seed"`` computes exactly what the seed's
+``PEFeatureSequentialNet`` computes (padded steps enter the difference features, the sequence
+model and max pooling; attention weights are ``exp(tanh(.)) * mask`` normalised, plus 1e-10), so
+the authors' weights and the ``seed`` preset give the published outputs. ``"masked"`` (the
+project's variant) gives padded steps exactly zero attention, leaves them out of max pooling, the
+difference features and the GRU's backward pass (docs/METHOD.md, "Stage 2").
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 SEQUENCE_KINDS: tuple[str, ...] = ("tcn", "gru")
+#: How padded steps are treated: the seed's arithmetic, or masked out (the project's variant).
+PADDINGS: tuple[str, ...] = ("masked", "seed")
 
 
 @dataclass(frozen=True)
 class SequenceConfig:
-    """Hyper-parameters of the stage-2 model (seed defaults: TCN, 2 levels, hidden 128)."""
+    """Hyper-parameters of the stage-2 model (seed run script: TCN, 2 levels, hidden 128).
+
+    ``levels`` is the number of TCN blocks or GRU layers (the seed's GRU has one layer);
+    ``bidirectional`` applies to the GRU only. A checkpoint that records no ``padding`` or
+    ``bidirectional`` was made by the project's variant: masked, bidirectional.
+    """
 
     kind: str = "tcn"
     feature_dim: int = 512
@@ -35,10 +46,16 @@ class SequenceConfig:
     dropout: float = 0.2
     seq_len: int = 40
     num_labels: int = 9
+    padding: str = "masked"
+    bidirectional: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in SEQUENCE_KINDS:
             raise ValueError(f"sequence kind must be one of {SEQUENCE_KINDS}, got {self.kind!r}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"sequence padding must be one of {PADDINGS}, got {self.padding!r}")
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError("bidirectional must be true or false")
         for name in ("feature_dim", "hidden", "levels", "kernel_size", "seq_len", "num_labels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -60,7 +77,8 @@ class SequenceConfig:
 @dataclass(frozen=True, eq=False)
 class SequenceOutput:
     """Stage-2 outputs: ``exam_logits (B, num_labels)``, ``chunk_logits (B, L)``,
-    ``attention (B, num_labels, L)`` (rows sum to 1 over unmasked steps, 0 on masked ones)."""
+    ``attention (B, num_labels, L)`` (rows sum to 1 over unmasked steps, 0 on masked ones; with
+    ``padding="seed"`` the seed's weights, 1e-10 on masked steps)."""
 
     exam_logits: Tensor
     chunk_logits: Tensor
@@ -125,6 +143,16 @@ def restore_sequence(values: Tensor | np.ndarray, length: int) -> Tensor:
     seq_len = int(tensor.shape[0])
     restored = tensor[:length].float() if length <= seq_len else _linear_resize(tensor, length)
     return restored.squeeze(1) if squeeze else restored
+
+
+def seed_difference_features(features: Tensor) -> Tensor:
+    """``(B, L, F)`` -> ``(B, L, 3F)`` exactly as the seed's dataset builds them: differences with
+    the zero-padded neighbours too, zero only at the two ends of the fixed-length sequence."""
+    prev_diff = torch.zeros_like(features)
+    next_diff = torch.zeros_like(features)
+    prev_diff[:, 1:] = features[:, 1:] - features[:, :-1]
+    next_diff[:, :-1] = features[:, :-1] - features[:, 1:]
+    return torch.cat([features, prev_diff, next_diff], dim=-1)
 
 
 def difference_features(features: Tensor, mask: Tensor) -> Tensor:
@@ -199,9 +227,9 @@ class SequenceModel(nn.Module):
                 num_layers=config.levels,
                 batch_first=True,
                 dropout=config.dropout if config.levels > 1 else 0.0,
-                bidirectional=True,
+                bidirectional=config.bidirectional,
             )
-            hidden_out = 2 * config.hidden
+            hidden_out = (2 if config.bidirectional else 1) * config.hidden
         self.hidden_out = hidden_out
         self.dropout = nn.Dropout(config.dropout)
         self.chunk_head = nn.Linear(hidden_out, 1)
@@ -215,7 +243,15 @@ class SequenceModel(nn.Module):
         self.label_bias = nn.Parameter(torch.zeros(config.num_labels))
 
     def encode(self, features: Tensor, mask: Tensor) -> Tensor:
-        """Hidden states ``(B, L, hidden_out)``; masked steps are zeroed."""
+        """Hidden states ``(B, L, hidden_out)``; masked steps are zeroed (``padding="masked"``) or
+        computed over the zero-padded input as the seed does (``padding="seed"``)."""
+        if self.config.padding == "seed":
+            x = seed_difference_features(features * mask.to(features.dtype).unsqueeze(-1))
+            if self.tcn is not None:
+                return self.tcn(x.transpose(1, 2)).transpose(1, 2)
+            assert self.gru is not None
+            out, _ = self.gru(x)
+            return out
         x = difference_features(features, mask)
         if self.tcn is not None:
             hidden = self.tcn(x.transpose(1, 2)).transpose(1, 2)
@@ -253,10 +289,16 @@ class SequenceModel(nn.Module):
 
         scores = torch.einsum("blh,kh->bkl", hidden, self.attention_weight)
         scores = torch.tanh(scores + self.attention_bias[:, :length].unsqueeze(0))  # (B, K, L)
-        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        attention = torch.softmax(scores, dim=-1)  # (B, K, L), zero on masked steps
+        if self.config.padding == "seed":
+            # The seed's Attention: exp(tanh(e)) * mask, normalised, then + 1e-10 on every step.
+            weights = torch.exp(scores) * mask.to(scores.dtype).unsqueeze(1)
+            attention = weights / weights.sum(dim=-1, keepdim=True) + 1e-10
+            max_pool = hidden.amax(dim=1)  # (B, H), padded steps included
+        else:
+            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+            attention = torch.softmax(scores, dim=-1)  # (B, K, L), zero on masked steps
+            max_pool = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)  # (B, H)
         attention_pool = torch.einsum("bkl,blh->bkh", attention, hidden)  # (B, K, H)
-        max_pool = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)  # (B, H)
         embedding = torch.cat(
             [max_pool.unsqueeze(1).expand_as(attention_pool), attention_pool], dim=-1
         )  # (B, K, 2H)

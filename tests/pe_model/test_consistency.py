@@ -1,4 +1,4 @@
-"""Label consistency: the rules (SEED.md) and the minimal expected-loss correction."""
+"""Label consistency: the rules (docs/METHOD.md) and the minimal expected-loss correction."""
 
 from __future__ import annotations
 

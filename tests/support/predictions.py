@@ -43,7 +43,7 @@ def make_prediction(
     n_key_images: int = 3,
     chunk_size: int = 2,
 ) -> Prediction:
-    """A consistent prediction (SEED.md label rules) whose key images are among ``datasets``.
+    """A consistent prediction (docs/METHOD.md label rules) whose key images are among ``datasets``.
 
     One multi-frame dataset (Enhanced CT) is cut into chunks of frames; key images and heatmaps then
     carry 1-based frame numbers.

@@ -53,6 +53,23 @@ def test_round_trip_matches_the_inference_preprocessing(small_dataset: tuple[Pat
                 assert labels["chunk_labels"][chunk] == 1
 
 
+def test_training_size_chunks_come_from_the_same_crop(small_dataset: tuple[Path, list[PhantomRecord]],
+                                                     tmp_path: Path) -> None:
+    root, _ = small_dataset
+    series = read_rsna_dataset(root).series[0]
+    config = PreprocessConfig(input_size=32)
+    build_cache([series], tmp_path / "cache", config, train_size=40, workers=1, progress=False)
+    cache = SeriesCache(tmp_path / "cache")
+    assert (cache.input_size, cache.train_size) == (32, 40)
+    volume = load_series(series.files)
+    # Evaluation reads the Predictor's exact input; training crops come from the 40 px rendering.
+    assert np.array_equal(np.asarray(cache.chunks(series.key)), preprocess(volume, config).chunks.numpy())
+    assert np.array_equal(np.asarray(cache.train_chunks(series.key)),
+                          preprocess(volume, PreprocessConfig(input_size=40)).chunks.numpy())
+    with pytest.raises(CacheError, match="another preprocessing"):
+        build_cache([series], tmp_path / "cache", config, train_size=48, workers=1, progress=False)
+
+
 def test_resume_rebuilds_only_what_is_missing(small_dataset: tuple[Path, list[PhantomRecord]], tmp_path: Path) -> None:
     root, _ = small_dataset
     dataset = read_rsna_dataset(root)

@@ -21,7 +21,6 @@ from training.stage1 import (
     Stage1Config,
     augment_chunk,
     load_encoder,
-    resize_chunk,
     train_stage1,
 )
 from training.stage2 import Stage2Config, fit_exam, load_sequence_model, predict_exams, train_stage2
@@ -38,7 +37,7 @@ def tiny_cache(small_dataset: tuple[Path, list[PhantomRecord]], tmp_path_factory
     root, _ = small_dataset
     dataset = read_rsna_dataset(root)
     cache_dir = tmp_path_factory.mktemp("cache")
-    build_cache(dataset.series, cache_dir, PreprocessConfig(input_size=40), progress=False)
+    build_cache(dataset.series, cache_dir, PreprocessConfig(input_size=32), train_size=40, progress=False)
     return SeriesCache(cache_dir), [s.key for s in dataset.series]
 
 
@@ -53,11 +52,13 @@ def test_transforms_keep_the_chunk_layout() -> None:
     assert len(found) == 1
     rotated = augment_chunk(chunk, 32, rotation_probability=1.0, rotation_degrees=10.0)
     assert rotated.shape == (3, 10, 32, 32)
-    resized = resize_chunk(chunk, 32)
-    assert resized.shape == (3, 10, 32, 32) and resized.dtype == torch.uint8
-    assert resize_chunk(chunk, 40) is chunk
+    # The seed pads a rotated chunk with its border values; the project with zeros.
     flat = torch.full((3, 10, 40, 40), 77, dtype=torch.uint8)
-    assert torch.all(resize_chunk(flat, 32) == 77)
+    border = augment_chunk(flat, 32, 1.0, 15.0, symmetric=False, padding="border")
+    assert torch.all(border == 77)
+    torch.manual_seed(1)
+    zeros = augment_chunk(flat, 32, 1.0, 15.0, symmetric=False, padding="zeros")
+    assert int(zeros[:, :, 0, 0].max()) < 77 or int(zeros[:, :, -1, -1].max()) < 77
 
 
 def test_epoch_sampler_shards_and_balances() -> None:
@@ -178,3 +179,14 @@ def test_stage1_starts_from_a_torchvision_r3d18_state_dict(tiny_cache: tuple[Ser
     narrow = Stage1Config(**{**config.to_dict(), "encoder_width": 4})
     with pytest.raises(CheckpointError, match="width 64"):
         train_stage1(cache, keys[:2], [], narrow, tmp_path / "narrow", context=context, progress=False)
+
+
+def test_a_preset_that_starts_from_kinetics_refuses_to_start_without_the_weights(
+        tiny_cache: tuple[SeriesCache, list[str]], tmp_path: Path) -> None:
+    from training.errors import TrainingError
+
+    cache, keys = tiny_cache
+    config = Stage1Config(**{**TINY.to_dict(), "pretrained_required": True})
+    with pytest.raises(TrainingError, match="--init-weights PATH.*r3d_18.*--no-pretrained"):
+        train_stage1(cache, keys[:6], keys[6:], config, tmp_path, context=init_distributed("cpu"), progress=False)
+    assert not any(tmp_path.iterdir())
