@@ -7,6 +7,7 @@ rendering and path containment, TLS. The browser walk is tests/e2e/test_dashboar
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from collections.abc import Callable, Iterator
@@ -461,3 +462,25 @@ def test_hash_password_command_writes_a_line_the_node_accepts(tmp_path: Path) ->
     short = subprocess.run([sys.executable, "-m", "pacs_agent.node.web.auth", "hash-password"], input="short\n",
                            capture_output=True, text=True, timeout=60, check=False)
     assert short.returncode == 1 and "at least 8" in short.stderr
+
+
+def test_serve_stops_at_start_on_a_bad_credentials_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import find_free_port
+
+    broken = tmp_path / "admins.passwd"
+    broken.write_text("rad1:not-a-hash\n")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[node]\nport = {find_free_port()}\n[storage]\nroot = "{tmp_path / "spool"}"\n'
+        f'[database]\nurl = "sqlite:///{tmp_path / "agent.sqlite"}"\n[log]\nformat = "json"\n'
+        f'[http]\nenabled = true\nport = {find_free_port()}\nadmin_password_file = "{broken}"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PE_AGENT")}
+    done = subprocess.run([sys.executable, "-m", "pacs_agent.cli", "serve", "--config", str(config)], capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
+    assert done.returncode == 1
+    assert "admin_password_file" in done.stdout + done.stderr and "line 1" in done.stdout + done.stderr
+    assert "worker_process_started" not in done.stdout + done.stderr
