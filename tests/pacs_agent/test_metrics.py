@@ -13,12 +13,13 @@ from pacs_agent.metrics import Stage, record_stage, stage_histograms, study_time
 from pacs_agent.queue import claim_next_job, complete_job, reprocess_series
 from pacs_agent.db.models import Result, Series
 
+from tests.support.analysed_studies import seed_study
+
 from .conftest import MigratedDB
-from .test_web import seed_study
 
 
 def test_timeline_stages_and_a_manual_reprocess_keeps_the_automatic_one(migrated_db: MigratedDB) -> None:
-    series_id, job_id = seed_study(migrated_db, study="2.1", flag=Flag.CRITICAL, probability=0.9, latency_s=100)
+    series_id, job_id = seed_study(migrated_db.session_factory, study="2.1", flag=Flag.CRITICAL, probability=0.9, latency_s=100)
     with transaction(migrated_db.session_factory) as session:
         record_stage(session, "2.1", Stage.NOTIFIED, target="pager")
     with migrated_db.session_factory() as session:
@@ -45,8 +46,8 @@ def test_timeline_stages_and_a_manual_reprocess_keeps_the_automatic_one(migrated
 
 
 def test_histograms_cover_every_stage_and_flag(migrated_db: MigratedDB) -> None:
-    seed_study(migrated_db, study="2.2", flag=Flag.HIGH, probability=0.8, latency_s=25)
-    seed_study(migrated_db, study="2.3", flag=Flag.HIGH, probability=0.7, latency_s=250)
+    seed_study(migrated_db.session_factory, study="2.2", flag=Flag.HIGH, probability=0.8, latency_s=25)
+    seed_study(migrated_db.session_factory, study="2.3", flag=Flag.HIGH, probability=0.7, latency_s=250)
     with transaction(migrated_db.session_factory) as session:
         record_stage(session, "2.2", Stage.ACKNOWLEDGED, at=utcnow() + timedelta(seconds=60), user="rad1")
     with migrated_db.session_factory() as session:

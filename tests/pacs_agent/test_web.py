@@ -23,14 +23,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import select
 
-from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Flag, Instance, Job, JobStatus, Output, OutputKind, Result, Series, utcnow
+from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Flag, Job, JobStatus, Output, OutputKind, utcnow
 from pacs_agent.db.session import transaction
 from pacs_agent.errors import ConfigError
 from pacs_agent.metrics import Stage, record_stage
 from pacs_agent.node.web import HealthProbes, WebServer
 from pacs_agent.node.web.auth import AdminCredentials, hash_password
-from pacs_agent.queue import claim_next_job, complete_job, enqueue_job
 from pacs_agent.settings import Settings
+from tests.support.analysed_studies import seed_study
 from tests.support.ct_series import PATIENT_ID, PATIENT_NAME, CTSeriesSpec, make_ct_series
 
 from .conftest import MigratedDB
@@ -81,38 +81,6 @@ def client(server: WebServer, **kwargs: Any) -> httpx.Client:
     return httpx.Client(base_url=f"{server.scheme}://127.0.0.1:{server.port}", timeout=20, **kwargs)
 
 
-def seed_study(db: MigratedDB, *, study: str, flag: Flag, probability: float, latency_s: float = 42.0,
-               delivered: bool = True, instance_path: str = "") -> tuple[int, int]:
-    """One analysed series of ``study`` with ``flag``; returns (series id, job id)."""
-    with transaction(db.session_factory) as session:
-        series = Series(study_instance_uid=study, series_instance_uid=f"{study}.1", modality="CT", series_description="CTPA",
-                        last_received_at=utcnow() - timedelta(seconds=latency_s), accession_number="ACC0042")
-        session.add(series)
-        session.flush()
-        if instance_path:
-            session.add(Instance(series_id=series.id, sop_instance_uid=f"{study}.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                                 path=instance_path))
-        job_id = enqueue_job(session, series, priority=0, reason="received", max_attempts=3).id
-        series_id = series.id
-    claimed = claim_next_job(db.session_factory, owner="w", lease_seconds=30)
-    assert claimed is not None and claimed.job_id == job_id
-    with transaction(db.session_factory) as session:
-        session.add(Result(job_id=job_id, pe_present=flag in (Flag.CRITICAL, Flag.HIGH), pe_probability=probability,
-                           probabilities={"pe_present_on_image": probability}, labels={"rv_lv_ratio_gte_1": flag == Flag.CRITICAL,
-                                                                                       "central_pe": False, "indeterminate": False},
-                           flag=flag, model_name="test-model", model_version="1", model_sha256="ab" * 32))
-        output = Output(job_id=job_id, kind=OutputKind.SR, sop_class_uid="1.2", sop_instance_uid=f"{study}.9",
-                        series_instance_uid=f"{study}.8", path=f"outbox/{job_id}/sr.dcm")
-        session.add(output)
-        session.flush()
-        session.add(Delivery(output_id=output.id, destination="pacs",
-                             status=DeliveryStatus.DELIVERED if delivered else DeliveryStatus.FAILED, attempts=1 if delivered else 4,
-                             delivered_at=utcnow() if delivered else None))
-        session.flush()
-        complete_job(session, job_id, owner="w")
-    return series_id, job_id
-
-
 def csrf_of(page: str) -> str:
     match = re.search(r'name="csrf_token" value="([^"]+)"', page)
     assert match, "the page carries no CSRF token"
@@ -130,9 +98,9 @@ def login(http: httpx.Client) -> None:
 
 
 def test_worklist_json_and_html_filter_by_flag(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
-    seed_study(migrated_db, study="1.9.1", flag=Flag.CRITICAL, probability=0.97)
-    seed_study(migrated_db, study="1.9.2", flag=Flag.ROUTINE, probability=0.05)
-    seed_study(migrated_db, study="1.9.3", flag=Flag.HIGH, probability=0.8)
+    seed_study(migrated_db.session_factory, study="1.9.1", flag=Flag.CRITICAL, probability=0.97)
+    seed_study(migrated_db.session_factory, study="1.9.2", flag=Flag.ROUTINE, probability=0.05)
+    seed_study(migrated_db.session_factory, study="1.9.3", flag=Flag.HIGH, probability=0.8)
     server = start_server()
     with client(server) as http:
         everything = http.get("/worklist").json()  # a script (no text/html in Accept) gets JSON
@@ -150,7 +118,7 @@ def test_worklist_json_and_html_filter_by_flag(start_server: Callable[..., WebSe
 
 
 def test_study_page_and_api_show_result_deliveries_and_events(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
-    _, job_id = seed_study(migrated_db, study="1.9.5", flag=Flag.HIGH, probability=0.81, delivered=False)
+    _, job_id = seed_study(migrated_db.session_factory, study="1.9.5", flag=Flag.HIGH, probability=0.81, delivered=False)
     server = start_server()
     with client(server) as http:
         page = http.get("/studies/1.9.5", headers=HTML)
@@ -198,8 +166,8 @@ def _samples(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_node_state_and_time_to_stage(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
-    seed_study(migrated_db, study="1.9.7", flag=Flag.CRITICAL, probability=0.95, latency_s=42)
-    seed_study(migrated_db, study="1.9.8", flag=Flag.HIGH, probability=0.75, latency_s=700, delivered=False)
+    seed_study(migrated_db.session_factory, study="1.9.7", flag=Flag.CRITICAL, probability=0.95, latency_s=42)
+    seed_study(migrated_db.session_factory, study="1.9.8", flag=Flag.HIGH, probability=0.75, latency_s=700, delivered=False)
     with transaction(migrated_db.session_factory) as session:
         record_stage(session, "1.9.7", Stage.NOTIFIED, at=utcnow(), target="webhook")
         record_stage(session, "1.9.7", Stage.ACKNOWLEDGED, at=utcnow() + timedelta(seconds=300), user="rad1")
@@ -251,7 +219,7 @@ def _instance_file(settings: Settings, study: str) -> str:
 
 
 def test_patient_identifiers_hidden_unless_configured(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
-    seed_study(migrated_db, study="1.9.11", flag=Flag.CRITICAL, probability=0.9,
+    seed_study(migrated_db.session_factory, study="1.9.11", flag=Flag.CRITICAL, probability=0.9,
                instance_path=_instance_file(migrated_db.settings, "1.9.11"))
     hidden = start_server()
     with client(hidden) as http:
@@ -283,7 +251,7 @@ def _admin_events(db: MigratedDB) -> list[Event]:
 
 
 def test_api_actions_need_a_token_and_are_audited(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
-    series_id, job_id = seed_study(migrated_db, study="1.9.20", flag=Flag.HIGH, probability=0.8, delivered=False)
+    series_id, job_id = seed_study(migrated_db.session_factory, study="1.9.20", flag=Flag.HIGH, probability=0.8, delivered=False)
     server = start_server()
     with client(server) as http:
         assert http.post("/api/series/1.9.20.1/reprocess").status_code == 401
@@ -314,7 +282,7 @@ def test_api_actions_need_a_token_and_are_audited(start_server: Callable[..., We
 
 
 def test_form_actions_need_sign_in_and_csrf(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
-    series_id, _ = seed_study(migrated_db, study="1.9.30", flag=Flag.CRITICAL, probability=0.9)
+    series_id, _ = seed_study(migrated_db.session_factory, study="1.9.30", flag=Flag.CRITICAL, probability=0.9)
     server = start_server()
     with client(server) as http:
         page = http.get("/studies/1.9.30", headers=HTML).text
@@ -346,7 +314,7 @@ def test_form_actions_need_sign_in_and_csrf(start_server: Callable[..., WebServe
 
 
 def test_actions_refused_when_no_admin_is_configured(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
-    seed_study(migrated_db, study="1.9.40", flag=Flag.HIGH, probability=0.8)
+    seed_study(migrated_db.session_factory, study="1.9.40", flag=Flag.HIGH, probability=0.8)
     server = start_server(credentials=False)
     with client(server) as http:
         answer = http.post("/api/series/1.9.40.1/reprocess", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -394,7 +362,7 @@ def _secondary_capture(path: Path) -> None:
 
 
 def test_gradcam_png_from_the_outbox_and_paths_stay_in_the_spool(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
-    _, job_id = seed_study(migrated_db, study="1.9.50", flag=Flag.HIGH, probability=0.8)
+    _, job_id = seed_study(migrated_db.session_factory, study="1.9.50", flag=Flag.HIGH, probability=0.8)
     _secondary_capture(Path(migrated_db.settings.storage.root) / f"outbox/{job_id}/sc.dcm")
     with transaction(migrated_db.session_factory) as session:
         good = Output(job_id=job_id, kind=OutputKind.SC, sop_class_uid=SecondaryCaptureImageStorage, sop_instance_uid="1.9.50.10",

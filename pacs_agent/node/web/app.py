@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pacs_agent.db.models import DeliveryStatus, Flag, JobStatus, Output, OutputKind, Series
 from pacs_agent.db.migrate import head_revision
 from pacs_agent.logging import get_logger
-from pacs_agent.metrics import STAGE_EVENT_KINDS, Stage, build_registry, stage_histograms, study_timelines
+from pacs_agent.metrics import Stage, build_registry, stage_histograms, study_timelines
 from pacs_agent.node.web import actions, resources
 from pacs_agent.node.web.auth import (
     CSRF_FIELD,
