@@ -64,3 +64,26 @@ def test_histograms_cover_every_stage_and_flag(migrated_db: MigratedDB) -> None:
 def test_derived_stages_cannot_be_marked(migrated_db: MigratedDB) -> None:
     with transaction(migrated_db.session_factory) as session, pytest.raises(ValueError, match="cannot be marked"):
         record_stage(session, "2.4", Stage.ANALYSED)
+
+
+@pytest.mark.postgres
+def test_timelines_on_postgresql(postgres_url: str) -> None:
+    from pacs_agent.db.migrate import upgrade_database
+    from pacs_agent.db.session import make_engine, make_session_factory
+
+    engine = make_engine(postgres_url)
+    try:
+        upgrade_database(postgres_url, engine)
+        factory = make_session_factory(engine)
+        seed_study(factory, study="3.1", flag=Flag.CRITICAL, probability=0.9, latency_s=40)
+        seed_study(factory, study="3.2", flag=Flag.HIGH, probability=0.7, latency_s=80, delivered=False)
+        with transaction(factory) as session:
+            record_stage(session, "3.1", Stage.ACKNOWLEDGED, at=utcnow() + timedelta(seconds=30), user="rad1")
+        with factory() as session:
+            timelines = {t.study_instance_uid: t for t in study_timelines(session)}
+        assert set(timelines["3.1"].stages) == {Stage.COMPLETE, Stage.ANALYSED, Stage.DELIVERED, Stage.ACKNOWLEDGED}
+        assert Stage.DELIVERED not in timelines["3.2"].stages
+        acknowledged = timelines["3.1"].seconds(Stage.ACKNOWLEDGED)
+        assert acknowledged is not None and 70 <= acknowledged < 100
+    finally:
+        engine.dispose()
