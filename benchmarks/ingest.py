@@ -2,7 +2,7 @@
 
 Receivers, measured in the same run: dcmtk storescp writing files, Orthanc, the node (`pe-agent
 serve` with no workers, with its default 2 receiver processes and with 1), the node's Receiver class alone (its associations event-driven, see
-pacs_agent.pynetdicom_tuning), and a bare pynetdicom SCP, also with its 1 ms polling sleeps capped
+pacs_agent.dicom.pynetdicom_patches), and a bare pynetdicom SCP, also with its 1 ms polling sleeps capped
 at 100 us (``--cap-sleep``), which shows what the polling costs per instance. 1, 2 and 4 concurrent
 senders split the same 400 files. Each repetition starts a fresh receiver (empty storage: nothing is a duplicate) and times from the first
 storescu start to the last storescu exit; the stored instance count is checked every time.

@@ -1,7 +1,7 @@
 """Storage SCPs run as their own process for the ingest benchmark: `python -m benchmarks.receivers KIND PORT DIR`.
 
 KIND ``bare``: a minimal pynetdicom SCP that writes ``event.encoded_dataset()`` per instance (the
-floor for anything built on pynetdicom). KIND ``agent``: the node's own `pacs_agent.receiver.Receiver`
+floor for anything built on pynetdicom). KIND ``agent``: the node's own `pacs_agent.dicom.scp.Receiver`
 with a fresh SQLite database (no workers, no scheduler: the receive path alone).
 ``--cap-sleep SECONDS`` caps the fixed polling sleeps of pynetdicom's DUL and association reactor
 (1 ms each by default) to show how much of the time per instance they cost.
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pacs_agent.pynetdicom_tuning import cap_pynetdicom_sleeps
+from pacs_agent.dicom.pynetdicom_patches import cap_pynetdicom_sleeps
 
 
 class HandlerTiming:
@@ -86,7 +86,7 @@ def serve_bare(port: int, out_dir: Path, stop: threading.Event) -> None:
 def serve_agent(port: int, out_dir: Path, stop: threading.Event) -> None:
     from pacs_agent.db.migrate import upgrade_database
     from pacs_agent.db.session import make_engine, make_session_factory
-    from pacs_agent.receiver import Receiver
+    from pacs_agent.dicom.scp import Receiver
     from pacs_agent.settings import load_settings
 
     out_dir.mkdir(parents=True, exist_ok=True)

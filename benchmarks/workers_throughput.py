@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/workers_throughput.py
 from sqlalchemy import func, select, update  # noqa: E402
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, JobStatus  # noqa: E402
-from pe_model.benchmark import cpu_model_name  # noqa: E402
+from benchmarks.model import cpu_model_name  # noqa: E402
 from phantoms import PhantomSpec, PhantomTruth, write_phantom_series  # noqa: E402
 from tests.faults.node import wait_until  # noqa: E402
 from tests.scaleout.cluster import Cluster, send_series  # noqa: E402

@@ -114,7 +114,7 @@ def _path_checks(torch: Any, predictor: Any) -> dict[str, Any]:
 
 def _analyse(predictor: Any, files: Sequence[Path], out_dir: Path, torch: Any) -> RunResult:
     """The worker's chain on the phantom: read the headers, predict from the files, write the reports (timed)."""
-    from pacs_agent.analyze import analyze_sources, read_sources
+    from pacs_agent.analysis.pipeline import analyze_sources, read_sources
     from pacs_agent.settings import OutputSettings
 
     if predictor.device.type == "cuda":

@@ -29,3 +29,7 @@ class ReportError(AgentError):
 
 class DeliveryError(AgentError):
     """A C-STORE to a destination failed."""
+
+
+class ReceiverError(AgentError):
+    """The receiver cannot start (port in use, TLS files unreadable)."""

@@ -35,8 +35,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Flag, Job, JobStatus, Output, Result, Series, Study, utcnow
-from pacs_agent.events import record_event
-from pacs_agent.queue import queue_depth
+from pacs_agent.db.events import record_event
+from pacs_agent.jobs.queue import queue_depth
+from pacs_agent.node.admin import delivery_counts
 from pacs_agent.worklist import flag_counts
 
 
@@ -236,10 +237,7 @@ class NodeStateCollector(Collector):
             yield CounterMetricFamily("pe_agent_jobs_failed", "Jobs that failed for good.", value=depth[JobStatus.FAILED.value])
 
             deliveries = GaugeMetricFamily("pe_agent_deliveries", "Deliveries by status.", labels=["status"])
-            counts = {s.value: 0 for s in DeliveryStatus}
-            for status, count in session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)):
-                counts[DeliveryStatus(status).value] = int(count)
-            for status, count in counts.items():
+            for status, count in delivery_counts(session).items():
                 deliveries.add_metric([status], count)
             yield deliveries
             failed_attempts = 0

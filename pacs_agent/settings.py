@@ -53,6 +53,10 @@ class NodeSettings:
     network_timeout: float = 60.0
     maximum_pdu_size: int = 0
     tls: TLSSettings = field(default_factory=TLSSettings)
+    #: pynetdicom adapter (pacs_agent.dicom.pynetdicom_patches): event-driven reactors and capped polls for
+    #: faster ingest. false: stock pynetdicom. They also turn themselves off, with one warning, when the
+    #: installed pynetdicom lacks a private name they use.
+    pynetdicom_patches: bool = True
 
 
 @dataclass(frozen=True)
@@ -134,13 +138,23 @@ class WorkerSettings:
     poll_seconds: float = 0.5
 
 
+#: Values of destinations[].kind: how objects reach a destination (pacs_agent.delivery.target.build_target).
+DESTINATION_KINDS: tuple[str, ...] = ("dimse",)
+
+
 @dataclass(frozen=True)
-class Destination:
+class DestinationSettings:
     name: str
     ae_title: str
     host: str
     port: int
     tls: bool = False
+    #: Transport: "dimse" (C-STORE SCU; C-ECHO to test).
+    kind: str = "dimse"
+
+
+#: The name this class had before the delivery package; kept so configurations in code keep working.
+Destination = DestinationSettings
 
 
 @dataclass(frozen=True)
@@ -209,7 +223,7 @@ class Settings:
     series: SeriesSettings = field(default_factory=SeriesSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
-    destinations: tuple[Destination, ...] = ()
+    destinations: tuple[DestinationSettings, ...] = ()
     outputs: OutputSettings = field(default_factory=OutputSettings)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
@@ -350,6 +364,8 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"destinations.{d.name}.ae_title: {d.ae_title!r} is not a valid AE title")
         if not 1 <= d.port <= 65535:
             raise ConfigError(f"destinations.{d.name}.port: {d.port} is not a TCP port")
+        if d.kind not in DESTINATION_KINDS:
+            raise ConfigError(f"destinations.{d.name}.kind: {d.kind!r} is not one of {', '.join(DESTINATION_KINDS)}")
     h = settings.http
     if bool(h.tls_certificate) != bool(h.tls_private_key):
         raise ConfigError("http: tls_certificate and tls_private_key go together (both or neither)")

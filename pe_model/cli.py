@@ -1,4 +1,4 @@
-"""``python -m pe_model`` / ``pe-model``: the model's prediction for one series, and a benchmark.
+"""``python -m pe_model`` / ``pe-model``: the model's prediction for one series.
 
 ``predict DIR [--checkpoint X] [--device cpu] [--json]`` prints a readable summary or, with
 ``--json``, ``Prediction.to_json_dict()``. ``import-seed --stage1 A.pth --stage2 B.pth --out M.pt
@@ -60,22 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--seq-model", choices=("tcn", "gru"), default=None,
                       help="stage-2 kind (default: read from the state dict's keys)")
     seed.add_argument("--name", default="pe-detection-seed", help="model name on every output")
-
-    bench = commands.add_parser("benchmark", help="time predict on a synthetic phantom")
-    bench.add_argument("--slices", type=int, default=400)
-    bench.add_argument("--size", type=int, default=512, help="rows and columns")
-    bench.add_argument("--spacing", type=float, default=0.7, help="pixel and slice spacing, mm")
-    source = bench.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default=None, help="checkpoint to time (default: random init)")
-    source.add_argument("--width", type=int, default=64, help="encoder width of a random-init model")
-    bench.add_argument("--input-size", type=int, default=192, help="input size of a random-init model")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--repeats", type=int, default=2, help="predict runs (the first is cold)")
-    bench.add_argument("--gradcam-top-k", type=int, default=3)
-    bench.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    bench.add_argument("--batch-size", type=int, default=None)
-    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    bench.add_argument("--json", action="store_true")
     return parser
 
 
@@ -177,42 +161,15 @@ def _import_seed(args: argparse.Namespace, stdout: TextIO) -> int:
     return EXIT_OK
 
 
-def _benchmark(args: argparse.Namespace, stdout: TextIO) -> int:
-    from pe_model.benchmark import BenchmarkSpec, print_benchmark, run_benchmark
-
-    spec = BenchmarkSpec(
-        slices=args.slices,
-        size=args.size,
-        spacing_mm=args.spacing,
-        checkpoint=args.checkpoint,
-        width=args.width,
-        input_size=args.input_size,
-        device=args.device,
-        repeats=args.repeats,
-        gradcam_top_k=args.gradcam_top_k,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        threads=args.threads,
-    )
-    result = run_benchmark(spec)
-    if args.json:
-        stdout.write(json.dumps(result.to_json_dict(), indent=2) + "\n")
-    else:
-        print_benchmark(result, Console(file=stdout, width=120))
-    return EXIT_OK
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0, or 2 for an unusable series or checkpoint)."""
     args = _parser().parse_args(list(argv) if argv is not None else None)
     stdout, stderr = sys.stdout, sys.stderr
     with _cli_logging(bool(getattr(args, "verbose", False)), stderr):
         try:
-            if args.command == "predict":
-                return _predict(args, stdout)
             if args.command == "import-seed":
                 return _import_seed(args, stdout)
-            return _benchmark(args, stdout)
+            return _predict(args, stdout)
         except PEModelError as error:
             stderr.write(f"pe-model: error: {_one_line(error)}\n")
             return EXIT_UNUSABLE_INPUT

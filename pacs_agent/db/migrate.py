@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from pacs_agent.db.session import make_engine
 from pacs_agent.errors import AgentError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 class SchemaOutOfDateError(AgentError):

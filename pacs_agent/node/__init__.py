@@ -1,1 +1,1 @@
-"""The node's processes and the ways people steer it (CLI, web dashboard)."""
+"""The node as a program: command line, service start-up, process supervision, scheduler, web dashboard."""

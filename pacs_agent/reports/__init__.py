@@ -17,9 +17,9 @@ from pathlib import Path
 import highdicom
 from pydicom.dataset import Dataset
 
-from pacs_agent.db.models import OutputKind
 from pacs_agent.errors import ReportError
-from pacs_agent.logging import get_logger
+from pacs_agent.logs import get_logger
+from pacs_agent.reports.kinds import ObjectKind
 from pacs_agent.reports.sc import build_secondary_captures
 from pacs_agent.reports.seg import build_segmentation
 from pacs_agent.reports.sr import build_structured_report
@@ -35,14 +35,14 @@ log = get_logger(__name__)
 class ProducedObject:
     """A DICOM file this node made, ready for the dispatcher."""
 
-    kind: OutputKind
+    kind: ObjectKind
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
 
 
-def _save(ds: Dataset, kind: OutputKind, out_dir: Path) -> ProducedObject:
+def _save(ds: Dataset, kind: ObjectKind, out_dir: Path) -> ProducedObject:
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     tmp = out_dir / f".{ds.SOPInstanceUID}.dcm.tmp"
     try:
@@ -91,21 +91,21 @@ def write_reports(
             sop_instance_uid=highdicom.UID(),
             previous_report=previous_report,
         )
-        produced.append(_save(sr, OutputKind.SR, out_dir))
+        produced.append(_save(sr, ObjectKind.SR, out_dir))
     if settings.secondary_capture and settings.key_slices > 0:
         sc_series = highdicom.UID()
         for sc in build_secondary_captures(prediction, source_datasets, settings, series_instance_uid=sc_series):
-            produced.append(_save(sc, OutputKind.SC, out_dir))
+            produced.append(_save(sc, ObjectKind.SC, out_dir))
     if settings.segmentation:
         seg = build_segmentation(
             prediction, source_datasets, settings, series_instance_uid=highdicom.UID(), sop_instance_uid=highdicom.UID()
         )
         if seg is not None:
-            produced.append(_save(seg, OutputKind.SEG, out_dir))
+            produced.append(_save(seg, ObjectKind.SEG, out_dir))
     log.info(
         "reports_written",
         series_instance_uid=prediction.series_instance_uid,
-        objects={kind.value: sum(p.kind == kind for p in produced) for kind in OutputKind},
+        objects={kind.value: sum(p.kind == kind for p in produced) for kind in ObjectKind},
         supersedes=str(previous_report.SOPInstanceUID) if previous_report is not None else None,
     )
     return produced

@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pacs_agent.demo import AGENT_AE_TITLE, EXIT_FAILURE, EXIT_USAGE, StorageSCP, demo_cases, process_group_alive, run_demo, write_agent_config
+from pacs_agent.demo.run import AGENT_AE_TITLE, EXIT_FAILURE, EXIT_USAGE, demo_cases, run_demo, write_agent_config
+from pacs_agent.demo.pacs import StorageSCP
+from pacs_agent.demo.processes import process_group_alive
 from pacs_agent.settings import load_settings
-from tests.e2e.conftest import clean_environment
+from tests.support.agent import clean_environment
 from tests.support.orthanc import orthanc_binary
 
 pytestmark = pytest.mark.slow
@@ -72,7 +74,7 @@ def test_demo_whose_agent_cannot_analyse_exits_1_naming_the_logs(tmp_path: Path)
 
 def _demo_command(workdir: Path, checkpoint: Path, pacs: str) -> list[str]:
     return [
-        sys.executable, "-m", "pacs_agent.cli", "demo", "--pacs", pacs, "--checkpoint", str(checkpoint), "--workdir", str(workdir),
+        sys.executable, "-m", "pacs_agent.node.cli", "demo", "--pacs", pacs, "--checkpoint", str(checkpoint), "--workdir", str(workdir),
         "--rows", "64", "--slices", "48", "--quiet-seconds", "1", "--timeout", "150",
     ]
 

@@ -17,9 +17,9 @@ from typing import Any
 import pydicom
 import pytest
 
-from pacs_agent.demo import free_port
+from pacs_agent.demo.pacs import free_port
 from phantoms import PhantomTruth
-from tests.e2e.conftest import AGENT_AE_TITLE, AgentServer, clean_environment, small_ctpa, small_head, wait_for, write_agent_config, write_phantom
+from tests.support.agent import AGENT_AE_TITLE, AgentServer, clean_environment, small_ctpa, small_head, wait_for, write_agent_config, write_phantom
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.orthanc import Orthanc, orthanc_binary
 
@@ -140,7 +140,7 @@ def test_echo_orthanc_ok_and_closed_port_fails(pacs_and_agent: tuple[Orthanc, Ag
     closed = tmp_path / "closed.toml"
     write_agent_config(closed, workdir=tmp_path, port=free_port(), checkpoint=tmp_path / "unused.pt",
                        destinations=[("nowhere", "NOWHERE", free_port())], allowed_calling_ae_titles=[])
-    failed = subprocess.run([sys.executable, "-m", "pacs_agent.cli", "echo", "nowhere", "--config", str(closed), "--timeout", "3"],
+    failed = subprocess.run([sys.executable, "-m", "pacs_agent.node.cli", "echo", "nowhere", "--config", str(closed), "--timeout", "3"],
                             capture_output=True, text=True, timeout=60, env=clean_environment(), check=False)
     assert failed.returncode != 0
     lines = [line for line in (failed.stdout + failed.stderr).splitlines() if line.strip()]

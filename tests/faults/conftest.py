@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.faults.node import Node, free_port, node_config
+from tests.faults.node import Node, node_config
+from pacs_agent.demo.pacs import free_port
 from tests.support.pacs_scp import PacsSCP
 
 
@@ -26,19 +27,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("faults") is not None:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised checkpoint (R3D-18 width 4, input 32): fast on CPU, outputs meaningless."""
-    from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
-    from pe_model.preprocessing import PreprocessConfig
-
-    path = tmp_path_factory.mktemp("fault_model") / "tiny.pt"
-    build_initial_checkpoint(
-        path, encoder_width=4, sequence=small_sequence_config(4, hidden=16), preprocess_config=PreprocessConfig(input_size=32), seed=0,
-    )
-    return path
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """A real node for fault and security tests: `pe-agent serve` as a subprocess, its database and peers.
 
-The node is started exactly as an administrator starts it (``python -m pacs_agent.cli serve --config``)
+The node is started exactly as an administrator starts it (``python -m pacs_agent.node.cli serve --config``)
 in its own session, so ``kill9`` takes down serve and its worker processes at once, as a power cut or
 the kernel's OOM killer would. Tests read the node's SQLite database directly (WAL: readers do not
 block the node) and send with pynetdicom or dcmtk over loopback.
@@ -24,25 +24,19 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Event, Job, Series
 from pacs_agent.db.session import make_engine, make_session_factory
-from pacs_agent.demo import process_group_members
+from pacs_agent.demo.processes import process_group_members
+from pacs_agent.delivery.dimse import echo
+from pacs_agent.settings import DestinationSettings
 
 AGENT_AE_TITLE = "PE_AGENT"
 CALLING_AE_TITLE = "FAULT_SCU"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.25) -> T:
@@ -170,7 +164,7 @@ class Node:
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts + 1} ---\n".encode())
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pacs_agent.cli", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "pacs_agent.node.cli", "serve", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )
         self.starts += 1
@@ -305,17 +299,9 @@ def process_group(pgid: int) -> list[int]:
 
 
 def c_echo(port: int, *, calling_ae_title: str = CALLING_AE_TITLE, ae_title: str = AGENT_AE_TITLE) -> bool:
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and int(status.Status) == 0
-    finally:
-        assoc.release()
+    """Whether the node on ``port`` answers C-ECHO with success (the node's own C-ECHO SCU)."""
+    node = DestinationSettings(name="node", ae_title=ae_title, host="127.0.0.1", port=port)
+    return echo(node, calling_ae_title=calling_ae_title, timeout=5).ok
 
 
 @dataclass(frozen=True)

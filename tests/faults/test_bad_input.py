@@ -17,7 +17,8 @@ import pytest
 
 from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.corpus import ABSENT, ANALYSED, CASES, FAILED, IGNORED, TRAVERSAL_TARGET, Case, Sent
-from tests.faults.node import Node, c_echo, free_port, node_config, send, wait_until
+from tests.faults.node import Node, c_echo, node_config, send, wait_until
+from pacs_agent.demo.pacs import free_port
 from tests.support.pacs_scp import PacsSCP
 
 pytestmark = pytest.mark.slow

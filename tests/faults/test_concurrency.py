@@ -17,7 +17,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy import func, select
 
 from pacs_agent.db.models import Instance, Series
-from pacs_agent.pynetdicom_tuning import hold_requestor_reactor
+from pacs_agent.dicom.pynetdicom_patches import hold_requestor_reactor
 from phantoms import PhantomSpec, write_phantom_series
 from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, set_nodelay, wait_until
 

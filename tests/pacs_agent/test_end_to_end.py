@@ -33,7 +33,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_agent.cli import main as cli_main
+from pacs_agent.node.cli import main as cli_main
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus, Output, OutputKind, Result, Series, SeriesState, Study
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.worklist import flag_for
@@ -41,7 +41,7 @@ from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 from tests.support.dciodvfy import dciodvfy_available, run_dciodvfy
 from tests.support.pacs_scp import PacsSCP
 
-from .conftest import find_free_port
+from tests.support.settings import find_free_port
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def node(tmp_path: Path, tiny_checkpoint: Path, pacs: PacsSCP) -> Iterator[Node]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PE_AGENT")}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pacs_agent.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "pacs_agent.node.cli", "serve", "--config", str(config)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=tmp_path,
         )
     engine = make_engine(f"sqlite:///{tmp_path / 'agent.sqlite'}")
@@ -345,7 +345,7 @@ def test_serve_with_an_unloadable_model_stops_with_a_clear_line(tmp_path: Path) 
     config, _, _ = write_config(tmp_path, broken, find_free_port())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PE_AGENT")}
     completed = subprocess.run(
-        [sys.executable, "-m", "pacs_agent.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "pacs_agent.node.cli", "serve", "--config", str(config)],
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False,
     )
     assert completed.returncode == 1

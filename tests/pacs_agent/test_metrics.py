@@ -10,12 +10,12 @@ import pytest
 from pacs_agent.db.models import Flag, utcnow
 from pacs_agent.db.session import transaction
 from pacs_agent.metrics import Stage, record_stage, stage_histograms, study_timelines
-from pacs_agent.queue import claim_next_job, complete_job, reprocess_series
+from pacs_agent.jobs.queue import claim_next_job, complete_job, reprocess_series
 from pacs_agent.db.models import Result, Series
 
 from tests.support.analysed_studies import seed_study
 
-from .conftest import MigratedDB
+from tests.support.settings import MigratedDB
 
 
 def test_timeline_stages_and_a_manual_reprocess_keeps_the_automatic_one(migrated_db: MigratedDB) -> None:

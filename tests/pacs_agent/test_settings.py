@@ -101,7 +101,7 @@ def test_model_precision_defaults_to_auto_and_reads_from_toml_and_environment(tm
 @pytest.mark.parametrize(("precision", "resolved"), [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")])
 def test_model_precision_reaches_the_predictor(tiny_checkpoint: Path, precision: str, resolved: str) -> None:
     """Worker and `pe-agent analyze` load the model through load_predictor; "auto" is fp32 on CPU."""
-    from pacs_agent.analyze import load_predictor
+    from pacs_agent.analysis.pipeline import load_predictor
 
     settings = load_settings(None, environ={}, overrides={"model": {"precision": precision, "torch_threads": 1}})
     assert load_predictor(settings, checkpoint=str(tiny_checkpoint)).precision == resolved

@@ -12,7 +12,7 @@ from pacs_agent.worklist import flag_for, list_worklist, refresh_study, summariz
 from pe_model.labels import EXAM_LABELS
 from pe_model.prediction import ModelInfo, Prediction
 
-from .conftest import MigratedDB
+from tests.support.settings import MigratedDB
 
 MODEL = ModelInfo(name="tiny", version="0", sha256="0" * 64, intended_use="test", training_data="none", not_for_clinical_use=True)
 

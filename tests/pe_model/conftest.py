@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
 from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
 from pe_model.preprocessing import PreprocessConfig
 
@@ -26,20 +25,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised checkpoint file (untrained; outputs mean nothing)."""
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
-    build_initial_checkpoint(
-        path,
-        encoder_width=TINY_WIDTH,
-        sequence=small_sequence_config(TINY_WIDTH, hidden=16),
-        preprocess_config=TINY_PREPROCESS,
-        seed=0,
-    )
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""``python -m pe_model predict|benchmark``: JSON fields, readable summary, exit code 2."""
+"""``python -m pe_model predict``: JSON fields, readable summary, exit code 2."""
 
 from __future__ import annotations
 
@@ -106,31 +106,3 @@ def test_module_entry_point_exit_code_in_a_real_process(tmp_path: Path, tiny_che
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no-such-folder" in lines[0] and "Traceback" not in done.stderr
-
-
-@pytest.mark.slow
-def test_benchmark_reports_every_stage_and_peak_rss(
-    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = main(
-        [
-            "benchmark",
-            "--slices", "24",
-            "--size", "64",
-            "--spacing", "4",
-            "--checkpoint", str(tiny_checkpoint),
-            "--repeats", "2",
-            "--json",
-        ]
-    )
-    out, _ = capsys.readouterr()
-    assert code == 0
-    result = json.loads(out)
-    assert len(result["runs"]) == 2
-    for run in result["runs"]:
-        assert set(run) == {"load", "preprocess", "stage1", "stage2", "gradcam", "total"}
-        assert run["total"] >= run["stage1"] >= 0.0
-    assert result["chunks"] >= 1
-    assert result["peak_rss_mb"] > 50
-    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
-    assert result["model"]["encoder_width"] == 4

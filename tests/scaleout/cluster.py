@@ -28,13 +28,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus
 from pacs_agent.db.session import make_engine, make_session_factory
-from tests.faults.node import Node, free_port, merge, node_config, process_group, to_toml, wait_until
+from tests.faults.node import Node, merge, node_config, process_group, to_toml, wait_until
+from pacs_agent.demo.pacs import free_port
 
 #: Lease settings short enough that a dead worker's job is back in the queue within seconds.
 FAST_LEASES: dict[str, Any] = {
     "count": 1, "poll_seconds": 0.2, "heartbeat_seconds": 0.5, "lease_seconds": 4.0,
     "backoff_initial_seconds": 0.5, "backoff_max_seconds": 2.0, "max_attempts": 3,
 }
+
+#: Small phantoms: 64 x 64, 48 slices (passes the CTPA selection rule of 40 slices or more).
+PHANTOM_SLICES = 48
+PHANTOM_SIZE = 64
+SERIES_COUNT = 12
 
 
 def clean_environment() -> dict[str, str]:
@@ -47,7 +53,7 @@ def clean_environment() -> dict[str, str]:
 def pe_agent(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     """Run one `pe-agent` command to its end (as an administrator would), capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", "pacs_agent.cli", *args],
+        [sys.executable, "-m", "pacs_agent.node.cli", *args],
         capture_output=True, text=True, env=clean_environment(), timeout=timeout, check=False,
     )
 
@@ -81,7 +87,7 @@ class WorkerHost:
         self.config_path.write_text(to_toml(self.config))
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pacs_agent.cli", "worker", "--config", str(self.config_path)],
+                [sys.executable, "-m", "pacs_agent.node.cli", "worker", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_environment(),
                 start_new_session=True,
             )

@@ -9,27 +9,10 @@ from typing import Any
 import pytest
 
 from phantoms import PhantomSpec, PhantomTruth, write_phantom_series
-from tests.scaleout.cluster import Cluster
+from tests.scaleout.cluster import PHANTOM_SIZE, PHANTOM_SLICES, SERIES_COUNT, Cluster
 from tests.support.pacs_scp import PacsSCP
-from tests.support.postgres import fresh_database, session_server
+from tests.support.postgres import fresh_database
 
-#: Small phantoms: 64 x 64, 48 slices (passes the CTPA selection rule of 40 slices or more).
-PHANTOM_SLICES = 48
-PHANTOM_SIZE = 64
-SERIES_COUNT = 12
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised checkpoint (R3D-18 width 4, input 32): fast on CPU, outputs meaningless."""
-    from pe_model.checkpoint import build_initial_checkpoint, small_sequence_config
-    from pe_model.preprocessing import PreprocessConfig
-
-    path = tmp_path_factory.mktemp("scaleout_model") / "tiny.pt"
-    build_initial_checkpoint(
-        path, encoder_width=4, sequence=small_sequence_config(4, hidden=16), preprocess_config=PreprocessConfig(input_size=32), seed=0,
-    )
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -46,25 +29,12 @@ def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> list[PhantomTrut
     ]
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Any]:
-    """One throw-away PostgreSQL server for the session; skipped without the Debian binaries."""
-    with session_server("pe-scaleout-pg-") as server:
-        yield server
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database of each backend: a SQLite file (one machine) or a fresh PostgreSQL database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'agent.sqlite'}"
     return fresh_database(request.getfixturevalue("postgres_server"), request.node.name, prefix="s_")
-
-
-@pytest.fixture
-def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> str:
-    """A fresh, empty PostgreSQL database for this test."""
-    return fresh_database(postgres_server, request.node.name, prefix="s_")
 
 
 @pytest.fixture

@@ -21,13 +21,14 @@ from sqlalchemy import select
 from pacs_agent.db.migrate import upgrade_database
 from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, JobStatus, Output, OutputKind, Result, Series, SeriesState, Worker
 from pacs_agent.db.session import make_engine, make_session_factory, transaction
-from pacs_agent.dispatcher import dispatch_due, queue_deliveries
+from pacs_agent.delivery.dispatcher import dispatch_due
+from pacs_agent.delivery.outbox import queue_deliveries
 from pacs_agent.reports import write_reports
 from pacs_agent.settings import OutputSettings, load_settings
 from phantoms import PhantomTruth
 from tests.faults.node import wait_until
 from tests.scaleout.cluster import Cluster, pause_a_running_job, pe_agent, send_series
-from tests.scaleout.conftest import SERIES_COUNT
+from tests.scaleout.cluster import SERIES_COUNT
 from tests.support.ct_series import CTSeriesSpec, make_ct_series
 from tests.support.pacs_scp import PacsSCP
 from tests.support.predictions import make_prediction

@@ -17,7 +17,8 @@ from pynetdicom import AE
 
 from pacs_agent.settings import HTTPSettings, Settings, load_settings
 from phantoms import PhantomSpec, write_phantom_series
-from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, free_port, send, wait_until
+from tests.faults.node import AGENT_AE_TITLE, Node, c_echo, send, wait_until
+from pacs_agent.demo.pacs import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -77,7 +77,7 @@ def test_worker_command_refuses_a_wrong_hash(make_node: Callable[..., Node]) -> 
     node.config_path.write_text(to_toml(node.config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PE_AGENT_")}
     done = subprocess.run(
-        [sys.executable, "-m", "pacs_agent.cli", "worker", "--config", str(node.config_path)],
+        [sys.executable, "-m", "pacs_agent.node.cli", "worker", "--config", str(node.config_path)],
         capture_output=True, text=True, timeout=180, env=env, check=False,
     )
     assert done.returncode != 0

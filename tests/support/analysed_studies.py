@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Flag, Instance, Output, OutputKind, Result, Series, utcnow
 from pacs_agent.db.session import transaction
-from pacs_agent.queue import claim_next_job, complete_job, enqueue_job
+from pacs_agent.jobs.queue import claim_next_job, complete_job, enqueue_job
 
 
 def seed_study(session_factory: sessionmaker[Session], *, study: str, flag: Flag, probability: float, latency_s: float = 42.0,

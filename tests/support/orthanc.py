@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pacs_agent.demo.pacs import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_TEMPLATE = ROOT / "tests" / "orthanc" / "orthanc.json"
 AUTOROUTE_LUA = ROOT / "deploy" / "orthanc" / "autoroute.lua"
@@ -26,12 +27,6 @@ AUTOROUTE_LUA = ROOT / "deploy" / "orthanc" / "autoroute.lua"
 
 def orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or (os.path.exists("/usr/sbin/Orthanc") and "/usr/sbin/Orthanc") or None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -13,7 +13,6 @@ with a given status (a refusal such as 0xA700, or a warning such as 0xB000).
 
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
 import time
@@ -28,14 +27,9 @@ from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs_agent.demo.pacs import free_port
+
 SUCCESS = 0x0000
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

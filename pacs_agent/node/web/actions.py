@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, Output, Series, Study
 from pacs_agent.db.session import transaction
-from pacs_agent.dispatcher import retry_deliveries
+from pacs_agent.delivery.dispatcher import retry_deliveries
 from pacs_agent.errors import AgentError, QueueError
-from pacs_agent.events import record_event
+from pacs_agent.db.events import record_event
 from pacs_agent.metrics import Stage, record_stage
-from pacs_agent.queue import JobNotFoundError, cancel_job, reprocess_series
+from pacs_agent.jobs.queue import JobNotFoundError, cancel_job, reprocess_series
 from pacs_agent.node.web.resources import ACKNOWLEDGED_KIND
 
 #: Longest acknowledgement note kept.

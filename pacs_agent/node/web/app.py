@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs_agent.db.models import DeliveryStatus, Flag, JobStatus, Output, OutputKind, Series
 from pacs_agent.db.migrate import head_revision
-from pacs_agent.logging import get_logger
+from pacs_agent.logs import get_logger
 from pacs_agent.metrics import Stage, build_registry, stage_histograms, study_timelines
 from pacs_agent.node.web import actions, resources
 from pacs_agent.node.web.auth import (
@@ -551,7 +551,7 @@ class Dashboard:
 
         def load(session: Session) -> dict[str, Any] | None:
             row = session.scalars(select(Series).where(Series.series_instance_uid == uid)).first()
-            return resources.series_detail(session, row) if row is not None else None
+            return resources.series_detail(session, row, self.identifiers) if row is not None else None
 
         detail = await self._read(load)
         if detail is None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pacs_agent.db.models import (
@@ -29,12 +29,11 @@ from pacs_agent.db.models import (
     Result,
     Series,
     Study,
-    Worker,
-    utcnow,
 )
 from pacs_agent.metrics import STAGE_EVENT_KINDS, Stage
+from pacs_agent.node import admin
 from pacs_agent.node.web.dicom_views import DicomViewError, patient_identifiers
-from pacs_agent.queue import queue_depth
+from pacs_agent.jobs.queue import queue_depth
 from pacs_agent.worklist import flag_counts
 
 ACKNOWLEDGED_KIND = STAGE_EVENT_KINDS[Stage.ACKNOWLEDGED]
@@ -119,124 +118,51 @@ def study_dict(study: Study, *, acknowledged: Event | None, identifiers: dict[st
     }
 
 
-def series_dict(series: Series) -> dict[str, Any]:
-    return {
-        "id": series.id,
-        "study_instance_uid": series.study_instance_uid,
-        "series_instance_uid": series.series_instance_uid,
-        "calling_ae_title": series.calling_ae_title,
-        "modality": series.modality,
-        "series_description": series.series_description,
-        "instance_count": series.instance_count,
-        "state": series.state.value,
-        "ignore_reason": series.ignore_reason,
-        "input_priority": series.input_priority,
-        "first_received_at": iso(series.first_received_at),
-        "last_received_at": iso(series.last_received_at),
-    }
+def _iso_values(data: dict[str, Any]) -> dict[str, Any]:
+    """The CLI's dict with its datetimes as ISO 8601 strings (JSON has no time type)."""
+    return {k: iso(v) if isinstance(v, datetime) else v for k, v in data.items()}
+
+
+def series_dict(series: Series, *, show_identifiers: bool = False) -> dict[str, Any]:
+    """`pe-agent show --json`'s series; its accession number is None unless identifiers are shown."""
+    data = _iso_values(admin.series_dict(series))
+    if not show_identifiers:
+        data["accession_number"] = None
+    return data
 
 
 def job_dict(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "series_instance_uid": job.series.series_instance_uid,
-        "study_instance_uid": job.series.study_instance_uid,
-        "status": job.status.value,
-        "priority": job.priority,
-        "reason": job.reason,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "not_before": iso(job.not_before),
-        "lease_owner": job.lease_owner,
-        "lease_expires_at": iso(job.lease_expires_at),
-        "error": job.error,
-        "model_version": job.model_version,
-        "supersedes_job_id": job.supersedes_job_id,
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-    }
+    return _iso_values(admin.job_dict(job))
 
 
 def input_quality(result: Result) -> dict[str, Any]:
-    """Input-quality measurements stored with a result (none in results written before they were measured)."""
-    stored = getattr(result, "input_quality", None) or getattr(result, "quality", None)
-    if isinstance(stored, dict):
-        return stored
-    nested = (result.probabilities or {}).get("input_quality") if isinstance(result.probabilities, dict) else None
-    return nested if isinstance(nested, dict) else {}
+    """Input-quality measurements stored with a result ({} for results that carry none)."""
+    stored = getattr(result, "input_quality", None)
+    return dict(stored) if isinstance(stored, dict) else {}
 
 
 def result_dict(result: Result | None) -> dict[str, Any] | None:
-    if result is None:
+    base = admin.result_dict(result)
+    if result is None or base is None:
         return None
-    return {
-        "flag": result.flag.value,
-        "pe_present": result.pe_present,
-        "pe_probability": result.pe_probability,
-        "probabilities": result.probabilities,
-        "labels": result.labels,
-        "key_images": result.key_images,
-        "input_quality": input_quality(result),
-        "model": {"name": result.model_name, "version": result.model_version, "sha256": result.model_sha256},
-        "timings_s": result.timings_s,
-        "created_at": iso(result.created_at),
-    }
+    return {**_iso_values(base), "input_quality": input_quality(result)}
 
 
 def delivery_dict(delivery: Delivery) -> dict[str, Any]:
-    return {
-        "id": delivery.id,
-        "output_id": delivery.output_id,
-        "destination": delivery.destination,
-        "status": delivery.status.value,
-        "attempts": delivery.attempts,
-        "next_attempt_at": iso(delivery.next_attempt_at),
-        "last_dicom_status": None if delivery.last_dicom_status is None else f"0x{delivery.last_dicom_status:04X}",
-        "last_error": delivery.last_error,
-        "delivered_at": iso(delivery.delivered_at),
-    }
+    return {**_iso_values(admin.delivery_dict(delivery)), "output_id": delivery.output_id}
 
 
 def output_dict(output: Output) -> dict[str, Any]:
     return {
-        "id": output.id,
+        **_iso_values(admin.output_dict(output)),
         "job_id": output.job_id,
-        "kind": output.kind.value,
-        "sop_class_uid": output.sop_class_uid,
-        "sop_instance_uid": output.sop_instance_uid,
-        "series_instance_uid": output.series_instance_uid,
-        "path": output.path,
         "image_url": f"/outputs/{output.id}/image.png" if output.kind == OutputKind.SC else None,
         "deliveries": [delivery_dict(d) for d in sorted(output.deliveries, key=lambda d: d.id)],
     }
 
 
 def event_dict(event: Event) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "at": iso(event.at),
-        "entity": event.entity,
-        "entity_id": event.entity_id,
-        "kind": event.kind,
-        "from_state": event.from_state,
-        "to_state": event.to_state,
-        "series_instance_uid": event.series_instance_uid,
-        "job_id": event.job_id,
-        "detail": event.detail,
-    }
-
-
-def worker_dict(worker: Worker, *, alive_after: datetime) -> dict[str, Any]:
-    return {
-        "id": worker.id,
-        "hostname": worker.hostname,
-        "pid": worker.pid,
-        "started_at": iso(worker.started_at),
-        "heartbeat_at": iso(worker.heartbeat_at),
-        "current_job_id": worker.current_job_id,
-        "alive": worker.stopped_at is None and worker.heartbeat_at >= alive_after,
-    }
+    return {"id": event.id, **_iso_values(admin.event_dict(event)), "series_instance_uid": event.series_instance_uid}
 
 
 def job_detail(job: Job) -> dict[str, Any]:
@@ -272,12 +198,12 @@ def worklist_counts(session: Session) -> dict[str, int]:
     return flag_counts(session)
 
 
-def series_detail(session: Session, series: Series) -> dict[str, Any]:
+def series_detail(session: Session, series: Series, policy: IdentifierPolicy) -> dict[str, Any]:
     events = session.scalars(
         select(Event).where(Event.series_instance_uid == series.series_instance_uid).order_by(Event.id.desc()).limit(EVENTS_LIMIT)
     )
     return {
-        **series_dict(series),
+        **series_dict(series, show_identifiers=policy.show),
         "jobs": [job_detail(j) for j in series.jobs],
         "events": [event_dict(e) for e in reversed(list(events))],
     }
@@ -300,7 +226,7 @@ def study_detail(session: Session, policy: IdentifierPolicy, study_instance_uid:
     )
     return {
         "study": entry,
-        "series": [series_detail(session, s) for s in series_rows],
+        "series": [series_detail(session, s, policy) for s in series_rows],
         "events": [event_dict(e) for e in study_events],
     }
 
@@ -325,19 +251,9 @@ def deliveries(session: Session, *, statuses: Sequence[DeliveryStatus] = (), lim
     ]
 
 
-def delivery_counts(session: Session) -> dict[str, int]:
-    counts = {s.value: 0 for s in DeliveryStatus}
-    for status, count in session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)):
-        counts[DeliveryStatus(status).value] = int(count)
-    return counts
-
-
 def workers(session: Session, *, heartbeat_seconds: float) -> list[dict[str, Any]]:
-    alive_after = utcnow() - timedelta(seconds=max(3 * heartbeat_seconds, 30.0))
-    return [
-        worker_dict(w, alive_after=alive_after)
-        for w in session.scalars(select(Worker).where(Worker.stopped_at.is_(None)).order_by(Worker.started_at))
-    ]
+    """`pe-agent status --json`'s workers."""
+    return [_iso_values(w) for w in admin.live_workers(session, heartbeat_seconds)]
 
 
 def queue_overview(session: Session, *, heartbeat_seconds: float) -> dict[str, Any]:
@@ -348,6 +264,6 @@ def queue_overview(session: Session, *, heartbeat_seconds: float) -> dict[str, A
         "active_jobs": jobs(session, statuses=(JobStatus.QUEUED, JobStatus.RUNNING)),
         "failed_jobs": jobs(session, statuses=(JobStatus.FAILED,), limit=50),
         "workers": workers(session, heartbeat_seconds=heartbeat_seconds),
-        "deliveries": delivery_counts(session),
+        "deliveries": admin.delivery_counts(session),
         "open_deliveries": deliveries(session, statuses=open_statuses),
     }

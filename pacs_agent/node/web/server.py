@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.errors import ConfigError
-from pacs_agent.logging import get_logger
+from pacs_agent.logs import get_logger
 from pacs_agent.settings import Settings
 
 log = get_logger(__name__)

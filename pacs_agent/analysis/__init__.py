@@ -1,0 +1,1 @@
+"""Analysis: the worker process and the chain it runs (read sources, predict, write reports)."""

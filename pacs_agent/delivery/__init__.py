@@ -1,0 +1,1 @@
+"""Delivery of produced objects to destinations: the Target protocol, its transports and the dispatcher."""

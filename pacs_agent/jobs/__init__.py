@@ -1,0 +1,1 @@
+"""The job queue in the database: job state machine, lease helpers, worker registry."""

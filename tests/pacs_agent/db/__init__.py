@@ -1,0 +1,1 @@
+"""Tests of pacs_agent.db."""
