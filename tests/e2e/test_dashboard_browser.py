@@ -25,7 +25,8 @@ from sqlalchemy import select
 from pacs_agent.db.models import Event, Job, JobStatus, Series
 from pacs_agent.node.web.auth import hash_password
 from phantoms import PhantomSpec, write_phantom_series
-from tests.faults.node import Node, free_port, node_config, send, wait_until
+from tests.faults.node import Node, node_config, send, wait_until
+from tests.support.settings import find_free_port as free_port
 from tests.support.pacs_scp import PacsSCP
 
 pytestmark = pytest.mark.slow
