@@ -5,6 +5,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pynetdicom installs its example apps as console scripts named like dcmtk's tools (echoscu, storescu,
+# ...) but with other options; in an activated venv they would shadow dcmtk's, and the dcmtk commands
+# of README.md and deploy/PACS_INTEGRATION.md would fail. They are removed from the venv (still there
+# as `python -m pynetdicom echoscu ...`).
+PYNETDICOM_APPS := echoscp echoscu findscu getscu movescu qrscp storescp storescu
 
 .PHONY: install demo test bench faults lint typecheck clean
 
@@ -15,6 +20,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test,postgres]"
+	for app in $(PYNETDICOM_APPS); do if grep -qs pynetdicom $(VENV)/bin/$$app; then rm -f $(VENV)/bin/$$app; fi; done
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,3 +33,7 @@ class DeliveryError(AgentError):
 
 class ReceiverError(AgentError):
     """The receiver cannot start (port in use, TLS files unreadable)."""
+
+
+class NotificationError(AgentError):
+    """A notification cannot be raised, sent or acknowledged (unknown study, bad link, bad target)."""

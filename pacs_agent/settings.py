@@ -213,6 +213,94 @@ class HTTPSettings:
     tls_private_key: str = ""
     #: Seconds between automatic reloads of the worklist and queue pages (0: never).
     refresh_seconds: int = 30
+    #: The dashboard's address as people reach it (e.g. "https://pe-agent.hospital.org"); alert
+    #: messages link to it. Empty: messages carry no links.
+    public_url: str = ""
+
+
+#: Kinds of [[notifications]] entries (pacs_agent/notify/channels.py).
+NOTIFICATION_KINDS: tuple[str, ...] = ("webhook", "email", "hl7")
+#: Kinds that alert a person: acknowledged and escalated. hl7 sends results to a RIS/EHR.
+ALERT_KINDS: tuple[str, ...] = ("webhook", "email")
+WEBHOOK_TEMPLATES: tuple[str, ...] = ("json", "teams", "slack")
+SMTP_SECURITY: tuple[str, ...] = ("starttls", "tls", "none")
+
+
+@dataclass(frozen=True)
+class NotificationTarget:
+    """One [[notifications]] entry: who hears of a flagged study, and how."""
+
+    name: str
+    #: "webhook" (HTTP POST), "email" (SMTP) or "hl7" (ORU^R01 over MLLP to a RIS/EHR).
+    kind: str
+    #: Study flags that notify this target. Empty: reached only by escalation from another entry.
+    #: Unset: CRITICAL and HIGH for webhook/email; every flag for hl7.
+    flags: tuple[str, ...] | None = None
+    #: Another entry notified when an alert stays unacknowledged for escalate_after_minutes
+    #: (or fails for good); empty: no escalation.
+    escalate_to: str = ""
+    escalate_after_minutes: float = 15.0
+    #: Put accession number, patient name and patient ID in the message (read from the received
+    #: images). Off by default: the message carries the flag, the finding, the Study Instance UID and
+    #: links. hl7 always carries them (a result must be filed against the patient).
+    include_patient_identifiers: bool = False
+    timeout_seconds: float = 10.0
+    # -- webhook
+    url: str = ""
+    #: "json" (documented in docs/NOTIFICATIONS.md), "teams" (Adaptive Card) or "slack" (Block Kit).
+    template: str = "json"
+    #: A file with a secret: each request carries X-PE-Agent-Signature: sha256=HMAC(secret, body).
+    secret_file: str = ""
+    # -- email
+    smtp_host: str = ""
+    smtp_port: int = 587
+    #: "starttls" (port 587), "tls" (implicit TLS, port 465) or "none" (a local relay only).
+    smtp_security: str = "starttls"
+    smtp_username: str = ""
+    #: The password: from a file, or from the environment variable named here.
+    smtp_password_file: str = ""
+    smtp_password_env: str = ""
+    #: CA bundle that verifies the SMTP server's certificate (system CAs when empty).
+    ca_file: str = ""
+    from_address: str = ""
+    to: tuple[str, ...] = ()
+    # -- hl7
+    host: str = ""
+    port: int = 2575
+    sending_application: str = "PE_AGENT"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    #: MSH-11: "P" production, "T" training, "D" debugging.
+    processing_id: str = "P"
+
+    @property
+    def alerts_a_person(self) -> bool:
+        return self.kind in ALERT_KINDS
+
+    @property
+    def effective_flags(self) -> tuple[str, ...]:
+        if self.flags is not None:
+            return self.flags
+        return ("CRITICAL", "HIGH") if self.alerts_a_person else ("CRITICAL", "HIGH", "REVIEW", "ROUTINE", "ERROR")
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """How notifications are sent, retried and acknowledged."""
+
+    #: A file holding the key (at least 32 bytes) that signs acknowledgement links. Empty: messages
+    #: carry no acknowledgement link (acknowledge with `pe-agent ack` or the dashboard).
+    signing_key_file: str = ""
+    #: How long an acknowledgement link stays valid.
+    link_valid_hours: float = 72.0
+    max_attempts: int = 8
+    backoff_initial_seconds: float = 10.0
+    backoff_max_seconds: float = 600.0
+    poll_seconds: float = 2.0
+    #: Studies flagged longer ago than this are not alerted (no flood of old studies when a target
+    #: is added or the node comes back after a long outage).
+    lookback_hours: float = 24.0
 
 
 @dataclass(frozen=True)
@@ -229,6 +317,8 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     log: LogSettings = field(default_factory=LogSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    notifications: tuple[NotificationTarget, ...] = ()
 
     @property
     def spool_root(self) -> Path:
@@ -240,6 +330,9 @@ class Settings:
         url = data["database"]["url"]
         data["database"]["url"] = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
         data["node"]["tls"]["private_key"] = "***" if data["node"]["tls"]["private_key"] else ""
+        for target in data["notifications"]:
+            # a Teams/Slack webhook URL is itself the credential: keep only scheme and host
+            target["url"] = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*).*$", r"\1/***", target["url"]) if target["url"] else ""
         return data
 
 
@@ -318,11 +411,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
         if not path:
             continue
-        if path == ["destinations"]:
+        if path in (["destinations"], ["notifications"]):
             try:
-                out["destinations"] = json.loads(value)
+                out[path[0]] = json.loads(value)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{name}: expected a JSON list of destinations ({exc.msg})") from None
+                raise ConfigError(f"{name}: expected a JSON list of {path[0]} ({exc.msg})") from None
             continue
         node = out
         for part in path[:-1]:
@@ -381,6 +474,66 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("workers.count: must be 0 or more")
     if settings.workers.heartbeat_seconds >= settings.workers.lease_seconds:
         raise ConfigError("workers.heartbeat_seconds: must be shorter than lease_seconds")
+    _validate_notifications(settings)
+
+
+def _validate_notifications(settings: Settings) -> None:
+    """Each [[notifications]] entry has what its kind needs; escalation names an alerting entry."""
+    public_url = settings.http.public_url
+    if public_url and not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", public_url):
+        raise ConfigError(f"http.public_url: {public_url!r} is not an http(s) URL")
+    alerts = settings.alerts
+    if alerts.max_attempts < 1:
+        raise ConfigError("alerts.max_attempts: must be at least 1")
+    if alerts.poll_seconds <= 0 or alerts.link_valid_hours <= 0 or alerts.lookback_hours <= 0:
+        raise ConfigError("alerts: poll_seconds, link_valid_hours and lookback_hours must be greater than 0")
+    by_name: dict[str, NotificationTarget] = {}
+    for target in settings.notifications:
+        where = f"notifications.{target.name or '?'}"
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", target.name):
+            raise ConfigError(f"notifications: name {target.name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        if target.name in by_name:
+            raise ConfigError(f"notifications: duplicate name {target.name!r}")
+        by_name[target.name] = target
+        kind = target.kind.lower()
+        if kind not in NOTIFICATION_KINDS:
+            raise ConfigError(f"{where}.kind: {target.kind!r} is not one of {', '.join(NOTIFICATION_KINDS)}")
+        for flag in target.effective_flags:
+            if flag.upper() not in ("CRITICAL", "HIGH", "REVIEW", "ROUTINE", "ERROR"):
+                raise ConfigError(f"{where}.flags: {flag!r} is not a worklist flag (CRITICAL, HIGH, REVIEW, ROUTINE, ERROR)")
+        if target.timeout_seconds <= 0:
+            raise ConfigError(f"{where}.timeout_seconds: must be greater than 0")
+        if kind == "webhook":
+            if not re.match(r"^https?://[^/?#\s]+", target.url):
+                raise ConfigError(f"{where}.url: a webhook needs an http(s) URL, got {target.url!r}")
+            if target.template.lower() not in WEBHOOK_TEMPLATES:
+                raise ConfigError(f"{where}.template: {target.template!r} is not one of {', '.join(WEBHOOK_TEMPLATES)}")
+        elif kind == "email":
+            if not target.smtp_host or not target.from_address or not target.to:
+                raise ConfigError(f"{where}: an email entry needs smtp_host, from_address and to")
+            if target.smtp_security.lower() not in SMTP_SECURITY:
+                raise ConfigError(f"{where}.smtp_security: {target.smtp_security!r} is not one of {', '.join(SMTP_SECURITY)}")
+            if not 1 <= target.smtp_port <= 65535:
+                raise ConfigError(f"{where}.smtp_port: {target.smtp_port} is not a TCP port")
+            if target.smtp_password_file and target.smtp_password_env:
+                raise ConfigError(f"{where}: set smtp_password_file or smtp_password_env, not both")
+        else:
+            if not target.host or not 1 <= target.port <= 65535:
+                raise ConfigError(f"{where}: an hl7 entry needs host and port (the RIS/EHR's MLLP listener)")
+            if target.processing_id.upper() not in ("P", "T", "D"):
+                raise ConfigError(f"{where}.processing_id: must be P, T or D")
+            if target.escalate_to:
+                raise ConfigError(f"{where}.escalate_to: hl7 results are not acknowledged by a person, so they do not escalate")
+        if target.escalate_after_minutes <= 0:
+            raise ConfigError(f"{where}.escalate_after_minutes: must be greater than 0")
+    for target in settings.notifications:
+        if not target.escalate_to:
+            continue
+        other = by_name.get(target.escalate_to)
+        if other is None:
+            raise ConfigError(f"notifications.{target.name}.escalate_to: no [[notifications]] entry named {target.escalate_to!r}")
+        if other.name == target.name or not other.alerts_a_person:
+            raise ConfigError(f"notifications.{target.name}.escalate_to: must name another webhook or email entry")
 
 
 def load_settings(
@@ -405,6 +558,22 @@ def load_settings(
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)
-    settings = _build(Settings, data, "")
+    settings = _normalise(_build(Settings, data, ""))
     _validate(settings)
     return settings
+
+
+def _normalise(settings: Settings) -> Settings:
+    """Enumerated values of [[notifications]] compared without case ("Webhook", "critical")."""
+    targets = tuple(
+        dataclasses.replace(
+            t,
+            kind=t.kind.lower(),
+            template=t.template.lower(),
+            smtp_security=t.smtp_security.lower(),
+            processing_id=t.processing_id.upper(),
+            flags=None if t.flags is None else tuple(f.upper() for f in t.flags),
+        )
+        for t in settings.notifications
+    )
+    return dataclasses.replace(settings, notifications=targets)

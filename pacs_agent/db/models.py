@@ -297,3 +297,73 @@ class Event(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     job_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class NotificationStatus(enum.StrEnum):
+    PENDING = "PENDING"  # waiting for its next attempt
+    SENDING = "SENDING"  # leased to one sender
+    SENT = "SENT"  # the receiver took it (HTTP 2xx, SMTP 250, HL7 AA)
+    FAILED = "FAILED"  # gave up after alerts.max_attempts, or refused for good
+    CANCELLED = "CANCELLED"
+
+
+class Notification(Base):
+    """One message about one study's flag to one [[notifications]] target (pacs_agent/notify/).
+
+    Holds no patient identifiers: those are read from the received images when a message is built
+    for a target configured to carry them.
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_claim", "status", "next_attempt_at", "id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: Makes raising idempotent across processes: "alert|target|study|flag", "hl7|target|study|job",
+    #: "escalation|target|parent id".
+    dedup_key: Mapped[str] = mapped_column(String(255), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    job_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    flag: Mapped[Flag] = mapped_column(_enum(Flag))
+    target: Mapped[str] = mapped_column(String(64))
+    #: "webhook", "email" or "hl7".
+    kind: Mapped[str] = mapped_column(String(16))
+    #: 0: first alert; 1 and up: escalations.
+    escalation_level: Mapped[int] = mapped_column(Integer, default=0)
+    escalated_from_id: Mapped[int | None] = mapped_column(ForeignKey("notifications.id", ondelete="SET NULL"), default=None)
+    status: Mapped[NotificationStatus] = mapped_column(_enum(NotificationStatus), default=NotificationStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: When this alert was escalated (each alert escalates once).
+    escalated_at: Mapped[datetime | None] = mapped_column(default=None)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(default=None)
+    acknowledged_by: Mapped[str] = mapped_column(String(128), default="")
+    #: "cli", "dashboard" or "link".
+    acknowledged_via: Mapped[str] = mapped_column(String(16), default="")
+
+    attempt_rows: Mapped[list[NotificationAttempt]] = relationship(
+        back_populates="notification", cascade="all, delete-orphan", order_by="NotificationAttempt.id"
+    )
+
+
+class NotificationAttempt(Base):
+    """One try to send a notification, with what the receiver answered."""
+
+    __tablename__ = "notification_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ok: Mapped[bool] = mapped_column(default=False)
+    #: HTTP status, SMTP reply code; None when nothing answered.
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: The receiver's answer in short ("HTTP 200", "SMTP 250", "HL7 ACK AA") or the error.
+    detail: Mapped[str] = mapped_column(Text, default="")
+    retryable: Mapped[bool] = mapped_column(default=True)
+
+    notification: Mapped[Notification] = relationship(back_populates="attempt_rows")

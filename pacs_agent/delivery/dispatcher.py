@@ -64,11 +64,14 @@ class _Outcome:
     permanent: bool = False
 
 
-def retry_deliveries(session: Session, *, delivery_ids: Sequence[int] | None = None, all_failed: bool = False) -> int:
+def retry_deliveries(
+    session: Session, *, delivery_ids: Sequence[int] | None = None, all_failed: bool = False, force: bool = False
+) -> int:
     """Re-queue deliveries for an immediate attempt with a fresh attempt count; returns how many.
 
-    ``delivery_ids``: those deliveries if FAILED, CANCELLED or PENDING (DELIVERED and SENDING are left
-    alone). ``all_failed``: every FAILED delivery.
+    ``delivery_ids``: those deliveries if FAILED, CANCELLED or PENDING, and with ``force`` also if
+    DELIVERED (an object the PACS lost is sent again); SENDING ones are left to their dispatcher.
+    ``all_failed``: every FAILED delivery.
     """
     if delivery_ids is None and not all_failed:
         raise DeliveryError("say which deliveries to retry: delivery ids or all failed ones")
@@ -77,7 +80,10 @@ def retry_deliveries(session: Session, *, delivery_ids: Sequence[int] | None = N
         conditions.append(
             and_(
                 Delivery.id.in_(list(delivery_ids)),
-                Delivery.status.in_([DeliveryStatus.FAILED, DeliveryStatus.CANCELLED, DeliveryStatus.PENDING]),
+                Delivery.status.in_(
+                    [DeliveryStatus.FAILED, DeliveryStatus.CANCELLED, DeliveryStatus.PENDING]
+                    + ([DeliveryStatus.DELIVERED] if force else [])
+                ),
             )
         )
     if all_failed:
@@ -98,7 +104,7 @@ def retry_deliveries(session: Session, *, delivery_ids: Sequence[int] | None = N
         record_event(
             session, entity="delivery", entity_id=delivery.id, kind="delivery_retry", from_state=previous,
             to_state=DeliveryStatus.PENDING, series_instance_uid=_source_series_uid(session, job_id), job_id=job_id,
-            destination=delivery.destination,
+            destination=delivery.destination, forced=previous == DeliveryStatus.DELIVERED,
         )
     return len(rows)
 

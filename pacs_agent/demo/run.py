@@ -186,9 +186,11 @@ def _toml_string(value: str) -> str:
 
 
 def write_agent_config(
-    path: Path, *, workdir: Path, agent_port: int, pacs: EmbeddedPACS, checkpoint: str, quiet_seconds: float | None
+    path: Path, *, workdir: Path, agent_port: int, pacs: EmbeddedPACS, checkpoint: str, quiet_seconds: float | None,
+    http_port: int = 0,
 ) -> None:
-    """Defaults, with a spool and database in the work folder, free ports and the PACS as destination."""
+    """Defaults, with a spool and database in the work folder, free ports and the PACS as destination;
+    with ``http_port``, the node's HTTP server (dashboard, /healthz, /metrics) on loopback there."""
     lines = [
         "# Written by `pe-agent demo`.",
         "[node]",
@@ -220,6 +222,11 @@ def write_agent_config(
         f"port = {pacs.port}",
         "",
     ]
+    if http_port:
+        lines[lines.index("[log]"):lines.index("[log]")] = [
+            "[http]", "enabled = true", 'host = "127.0.0.1"', f"port = {http_port}",
+            f"public_url = {_toml_string(f'http://127.0.0.1:{http_port}')}", "",
+        ]
     if quiet_seconds is not None:
         lines[lines.index("[dispatch]"):lines.index("[dispatch]")] = ["[series]", f"quiet_seconds = {quiet_seconds}", ""]
     path.write_text("\n".join(lines))
@@ -460,8 +467,9 @@ class _Demo:
             self.pacs.start()
         self.console.print(f"PACS: {self.pacs.name}, AE {self.pacs.ae_title} on 127.0.0.1:{self.pacs.port}")
         config_path = self.workdir / "agent.toml"
+        http_port = free_port()
         write_agent_config(config_path, workdir=self.workdir, agent_port=agent_port, pacs=self.pacs,
-                           checkpoint=checkpoint, quiet_seconds=self.options.quiet_seconds)
+                           checkpoint=checkpoint, quiet_seconds=self.options.quiet_seconds, http_port=http_port)
         self.agent = AgentProcess(config_path, self.logs / "agent.log")
         with self.console.status("Starting the agent (pe-agent serve)..."):
             self.agent.start()
@@ -480,7 +488,30 @@ class _Demo:
         summary_path = self.output / "summary.json"
         summary_path.write_text(json.dumps(summary_dict(sent, outcomes, pngs, self.pacs), indent=2))
         self.console.print(f"Summary: {summary_path}")
+        if self.options.keep:
+            return self._keep_running(config_path, http_port)
         return EXIT_OK
+
+    def _keep_running(self, config_path: Path, http_port: int) -> int:
+        """--keep: leave the PACS and the node up to be looked at, print where, stop on Ctrl-C/SIGTERM."""
+        assert self.pacs is not None and self.agent is not None
+        self.console.print("The PACS and the node keep running (--keep); Ctrl-C stops both.", soft_wrap=True)
+        self.console.print(f"Dashboard: http://127.0.0.1:{http_port}/", soft_wrap=True)
+        if isinstance(self.pacs, OrthancPACS):
+            self.console.print(f"Orthanc Explorer: {self.pacs.url}/app/explorer.html", soft_wrap=True)
+        elif isinstance(self.pacs, StorageSCP):
+            self.console.print(f"PACS: storage SCP AE {self.pacs.ae_title} at 127.0.0.1:{self.pacs.port}, files in {self.pacs.root}",
+                               soft_wrap=True)
+        self.console.print(f"Node: DICOM AE {AGENT_AE_TITLE} at 127.0.0.1:{self.agent_port}; "
+                           f"try `pe-agent worklist -c {config_path}`", soft_wrap=True)
+        try:
+            while True:
+                code = self.agent.exit_code()
+                if code is not None:
+                    raise DemoError(f"the agent stopped (exit code {code}); see {self.agent.log_path}")
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return EXIT_OK  # the end a --keep run waits for
 
     def _send(self, cases: Sequence[DemoCase]) -> list[SentSeries]:
         assert self.pacs is not None
@@ -576,7 +607,7 @@ _command = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @_command.command()
 def _demo(
     workdir: Annotated[Path | None, typer.Option("--workdir", help="Work folder (default: a new temporary folder).")] = None,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep spool, PACS storage and phantoms after a successful run.")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="After a successful run, leave the PACS and the node (dashboard) running until Ctrl-C, and keep spool, PACS storage and phantoms.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=10, help="Seconds from the agent answering until every series is reported or ignored.")] = 300.0,
     pacs: Annotated[str, typer.Option("--pacs", help="auto (Orthanc when installed), orthanc or scp.")] = "auto",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="Model checkpoint path (default: builtin:demo).")] = BUILTIN_DEMO,

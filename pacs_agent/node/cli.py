@@ -1,12 +1,17 @@
-"""`pe-agent`: run the node and steer it (status, jobs, worklist, reprocess, retry, cancel, echo, analyze).
+"""`pe-agent`: run the node and steer it (status, jobs, worklist, reprocess, retry, cancel, echo, analyze,
+notifications, ack).
 
-Exit codes: 0 ok; 1 operational failure (echo failed, nothing to do, a worker crashed); 2 usage,
-configuration or input error. Expected conditions print one line on stderr, never a traceback.
-Every command takes ``--config FILE`` (default: $PE_AGENT_CONFIG); read commands take ``--json``.
+Exit codes: 0 ok, also when there was nothing to do; 1 operational failure (echo failed, what was
+asked could not be done, a worker crashed); 2 usage, configuration or input error (also: no
+database yet). Expected conditions print one line on stderr, never a traceback. Every command takes
+``-c/--config FILE`` (default: $PE_AGENT_CONFIG); read commands take ``--json``, with one JSON shape
+per resource (docs/CLI.md). Enumerated option values ignore case.
 """
 
 from __future__ import annotations
 
+import getpass
+import importlib.metadata
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -20,11 +25,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.migrate import SchemaOutOfDateError, check_schema_at_head, current_revision, head_revision, upgrade_database
 from pacs_agent.db.models import (
     Delivery,
+    DeliveryStatus,
+    NotificationStatus,
     Event,
     Flag,
     Job,
@@ -34,7 +43,7 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import make_engine, make_session_factory, transaction
-from pacs_agent.errors import AgentError, ConfigError, QueueError, ReportError
+from pacs_agent.errors import AgentError, ConfigError, NotificationError, QueueError, ReportError
 from pacs_agent.node import admin
 from pacs_agent.settings import Settings, load_settings
 
@@ -61,6 +70,19 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pe-agent {importlib.metadata.version('pe-triage')}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """PE triage node beside PACS: receive CTPAs, analyse, send SR and Grad-CAM back, steer it."""
+
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", envvar="PE_AGENT_CONFIG", help="TOML config file (default: $PE_AGENT_CONFIG).", show_default=False),
@@ -81,12 +103,30 @@ class _Database:
     factory: sessionmaker[Session]
 
 
+def _require_database(settings: Settings) -> None:
+    """Refuse, creating nothing, when the SQLite file does not exist: a read command on a machine
+    without the node's database must say what to do, not leave an empty database behind."""
+    url = make_url(settings.database.url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    if not Path(url.database).is_file():
+        raise UsageError(
+            f"there is no database at {url.database}: run `pe-agent db upgrade` with the node's configuration first, "
+            "or name that configuration with -c/--config (or PE_AGENT_CONFIG)"
+        )
+
+
 @contextmanager
 def _database(settings: Settings) -> Iterator[_Database]:
-    """The node's database, refusing an out-of-date schema (the fix is `pe-agent db upgrade`)."""
+    """The node's database, refusing a missing one or an out-of-date schema (the fix is `pe-agent db upgrade`)."""
+    _require_database(settings)
     engine = make_engine(settings.database.url)
     try:
-        check_schema_at_head(engine)
+        try:
+            check_schema_at_head(engine)
+        except OperationalError as exc:
+            where = make_url(settings.database.url).render_as_string(hide_password=True)
+            raise OperationFailed(f"cannot open the database {where}: {str(exc.orig).strip().splitlines()[0]}") from None
         yield _Database(engine=engine, factory=make_session_factory(engine))
     finally:
         engine.dispose()
@@ -169,11 +209,17 @@ def db_upgrade(config: ConfigOption = None) -> None:
 def db_current(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show the database's schema revision and this build's."""
     settings = _settings(config)
-    engine = make_engine(settings.database.url)
+    current: str | None = None
     try:
-        current = current_revision(engine)
-    finally:
-        engine.dispose()
+        _require_database(settings)
+    except UsageError:
+        pass  # no database file yet: it is at no revision, and looking must not create it
+    else:
+        engine = make_engine(settings.database.url)
+        try:
+            current = current_revision(engine)
+        finally:
+            engine.dispose()
     head = head_revision()
     if as_json:
         _print_json({"current": current, "head": head, "up_to_date": current == head})
@@ -220,7 +266,9 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
 def jobs(
     config: ConfigOption = None,
     as_json: JsonOption = False,
-    status_filter: Annotated[list[JobStatus] | None, typer.Option("--status", "-s", help="Only jobs in this status (repeatable).")] = None,
+    status_filter: Annotated[
+        list[JobStatus] | None, typer.Option("--status", "-s", case_sensitive=False, help="Only jobs in this status (repeatable).")
+    ] = None,
     series_uid: Annotated[str | None, typer.Option("--series", help="Only jobs of this Series Instance UID.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many, newest first.")] = 50,
 ) -> None:
@@ -247,7 +295,8 @@ def show(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Everything about one job or series: states, result, outputs, deliveries, events."""
+    """Everything about the series of a job, a series, or the series of a study: states, jobs with their
+    results, outputs and deliveries, events. The JSON is always {"series": [series, ...]}."""
     settings = _settings(config)
     with _database(settings) as db, db.factory() as session:
         data: dict[str, Any]
@@ -255,25 +304,24 @@ def show(
             job = session.get(Job, int(target))
             if job is None:
                 raise UsageError(f"job {target} does not exist")
-            events = session.scalars(select(Event).where(Event.job_id == job.id).order_by(Event.id))
-            data = {"job": admin.job_detail(session, job), "series": admin.series_dict(job.series), "events": [admin.event_dict(e) for e in events]}
+            series_rows = [job.series]
         else:
             series_rows = list(session.scalars(select(Series).where(Series.series_instance_uid == target)))
             if not series_rows:
                 series_rows = list(session.scalars(select(Series).where(Series.study_instance_uid == target).order_by(Series.id)))
             if not series_rows:
                 raise UsageError(f"no job, series or study {target} is known to this node")
-            data = {
-                "series": [
-                    {
-                        **admin.series_dict(s),
-                        "jobs": [admin.job_detail(session, j) for j in s.jobs],
-                        "events": [admin.event_dict(e) for e in session.scalars(
-                            select(Event).where(Event.series_instance_uid == s.series_instance_uid).order_by(Event.id))],
-                    }
-                    for s in series_rows
-                ]
-            }
+        data = {
+            "series": [
+                {
+                    **admin.series_dict(s),
+                    "jobs": [admin.job_detail(session, j) for j in s.jobs],
+                    "events": [admin.event_dict(e) for e in session.scalars(
+                        select(Event).where(Event.series_instance_uid == s.series_instance_uid).order_by(Event.id))],
+                }
+                for s in series_rows
+            ]
+        }
     if as_json:
         _print_json(data)
         return
@@ -281,11 +329,10 @@ def show(
 
 
 def _render_show(data: dict[str, Any]) -> None:
-    series_list = [data["series"]] if isinstance(data["series"], dict) else data["series"]
-    for s in series_list:
+    for s in data["series"]:
         _table(f"Series {s['series_instance_uid']}", ["study", "state", "instances", "calling AE", "description", "ignore reason"],
                [[s["study_instance_uid"], s["state"], s["instance_count"], s["calling_ae_title"], s["series_description"], s["ignore_reason"]]])
-        jobs = s.get("jobs", [data["job"]] if "job" in data else [])
+        jobs = s["jobs"]
         _table("Jobs", ["id", "status", "attempts", "reason", "flag", "PE p", "error"],
                [[j["id"], j["status"], f"{j['attempts']}/{j['max_attempts']}", j["reason"],
                  (j["result"] or {}).get("flag", ""), _fmt_p((j["result"] or {}).get("pe_probability")), j["error"]] for j in jobs])
@@ -294,7 +341,7 @@ def _render_show(data: dict[str, Any]) -> None:
             _table("Deliveries", ["id", "job", "kind", "destination", "status", "attempts", "DICOM status", "error"],
                    [[d["id"], job_id, o["kind"], d["destination"], d["status"], d["attempts"], d["last_dicom_status"], d["last_error"]]
                     for job_id, o, d in deliveries])
-        events = s.get("events", data.get("events", []))
+        events = s["events"]
         _table("Events", ["at", "entity", "kind", "from", "to", "detail"],
                [[_iso(e["at"]), f"{e['entity']} {e['entity_id']}", e["kind"], e["from_state"], e["to_state"],
                  json.dumps(e["detail"], default=str) if e["detail"] else ""] for e in events])
@@ -308,7 +355,7 @@ def _fmt_p(value: float | None) -> str:
 def worklist(
     config: ConfigOption = None,
     as_json: JsonOption = False,
-    flag: Annotated[list[Flag] | None, typer.Option("--flag", "-f", help="Only studies with this flag (repeatable).")] = None,
+    flag: Annotated[list[Flag] | None, typer.Option("--flag", "-f", case_sensitive=False, help="Only studies with this flag (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
 ) -> None:
     """Studies by flag (CRITICAL, HIGH, ERROR, REVIEW, ROUTINE), then by arrival."""
@@ -380,8 +427,10 @@ def reprocess(
                        + (f" (supersedes job {c['supersedes_job_id']})" if c["supersedes_job_id"] else ""))
         for s in skipped:
             typer.echo(f"skipped series {s['series_instance_uid']}: {s['reason']}", err=True)
-    if not created:
+    if not created and skipped:
         raise OperationFailed("nothing was queued")
+    if not created and not as_json:
+        typer.echo("nothing to reprocess")
 
 
 @app.command()
@@ -389,26 +438,47 @@ def retry(
     delivery_ids: Annotated[list[int] | None, typer.Argument(help="Delivery ids to send again.", show_default=False)] = None,
     config: ConfigOption = None,
     failed: Annotated[bool, typer.Option("--failed", help="Every FAILED delivery.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Also send DELIVERED ones again (the PACS lost the object).")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Send deliveries again (FAILED ones, or the ids given) at the next dispatch round."""
+    """Send deliveries again (FAILED ones, or the ids given) at the next dispatch round.
+
+    Nothing to retry is not an error (exit 0); a named delivery that cannot be retried is (exit 1).
+    """
     from pacs_agent.delivery.dispatcher import retry_deliveries
 
     if not delivery_ids and not failed:
         raise UsageError("name delivery ids or --failed")
     settings = _settings(config)
+    skipped: list[dict[str, Any]] = []
     with _database(settings) as db, transaction(db.factory) as session:
+        named: dict[int, DeliveryStatus] = {}
         if delivery_ids:
-            known = set(session.scalars(select(Delivery.id).where(Delivery.id.in_(delivery_ids))))
-            missing = sorted(set(delivery_ids) - known)
+            named = {d.id: d.status for d in session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids)))}
+            missing = sorted(set(delivery_ids) - set(named))
             if missing:
                 raise UsageError(f"no delivery with id {', '.join(map(str, missing))}")
-        count = retry_deliveries(session, delivery_ids=delivery_ids or None, all_failed=failed)
+        retryable = [DeliveryStatus.FAILED, DeliveryStatus.CANCELLED, DeliveryStatus.PENDING] + ([DeliveryStatus.DELIVERED] if force else [])
+        for delivery_id, state in sorted(named.items()):
+            if state not in retryable:
+                reason = "already delivered; add --force to send it again" if state == DeliveryStatus.DELIVERED else "being sent right now"
+                skipped.append({"id": delivery_id, "status": state.value, "reason": reason})
+        wanted = [i for i, state in named.items() if state in retryable]
+        if failed:
+            wanted += [i for i in session.scalars(select(Delivery.id).where(Delivery.status == DeliveryStatus.FAILED)) if i not in wanted]
+        if wanted:
+            retry_deliveries(session, delivery_ids=wanted, force=force)
+    requeued = sorted(wanted)
     if as_json:
-        _print_json({"requeued": count})
+        _print_json({"requeued": requeued, "skipped": skipped})
     else:
-        typer.echo(f"{count} deliveries queued again")
-    if count == 0:
+        if requeued:
+            typer.echo(f"{len(requeued)} deliveries queued again: {', '.join(map(str, requeued))}")
+        elif not skipped:
+            typer.echo("nothing to retry")
+        for item in skipped:
+            typer.echo(f"delivery {item['id']} not queued: {item['reason']}", err=True)
+    if skipped and not requeued:
         raise OperationFailed("no delivery was queued again")
 
 
@@ -480,6 +550,88 @@ def analyze(
     """Analyse one series from a folder: no network, no database; writes the SR and SC files."""
     settings = _settings(config)
     raise typer.Exit(run_analyze(settings, directory, out_dir=out, checkpoint=checkpoint, as_json=as_json))
+
+
+# ---------------------------------------------------------------- notifications
+
+
+@app.command()
+def notifications(
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    study: Annotated[str | None, typer.Option("--study", help="Only notifications of this Study Instance UID.")] = None,
+    status_filter: Annotated[
+        list[NotificationStatus] | None,
+        typer.Option("--status", "-s", case_sensitive=False, help="Only notifications in this status (repeatable)."),
+    ] = None,
+    unacknowledged: Annotated[bool, typer.Option("--unacknowledged", help="Only alerts nobody has acknowledged yet.")] = False,
+    attempts: Annotated[bool, typer.Option("--attempts", help="With each notification's attempts (what the receiver answered).")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many, newest first.")] = 100,
+) -> None:
+    """Alerts and HL7 results sent (or being sent) about flagged studies, newest first."""
+    from pacs_agent.notify.admin import list_notifications
+
+    settings = _settings(config)
+    with _database(settings) as db, db.factory() as session:
+        rows = list_notifications(session, study_instance_uid=study, statuses=tuple(status_filter or ()),
+                                  unacknowledged=unacknowledged, limit=limit, attempts=attempts)
+    if as_json:
+        _print_json(rows)
+        return
+    _table("Notifications", ["id", "flag", "target", "level", "status", "attempts", "study", "created", "acknowledged", "error"],
+           [[r["id"], r["flag"], r["target"], r["escalation_level"], r["status"], r["attempts"], r["study_instance_uid"], r["created_at"][:19],
+             f"{r['acknowledged']['by']} ({r['acknowledged']['via']})" if r["acknowledged"] else "", r["last_error"]] for r in rows])
+
+
+@app.command()
+def ack(
+    notification_or_study: Annotated[str, typer.Argument(help="A notification id or a Study Instance UID.")],
+    config: ConfigOption = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Who acknowledges (default: your login name).")] = None,
+    note: Annotated[str, typer.Option("--note", help="A short note kept with the acknowledgement.")] = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Acknowledge a flagged study's result: its alerts stop escalating."""
+    from pacs_agent.notify import acknowledge
+
+    settings = _settings(config)
+    who = user if user is not None else getpass.getuser()
+    with _database(settings) as db:
+        try:
+            with transaction(db.factory) as session:
+                result = acknowledge(session, notification_or_study, who, "cli", note=note)
+        except NotificationError as exc:
+            raise UsageError(str(exc)) from None
+    if as_json:
+        _print_json(result.to_json_dict())
+    elif result.already_acknowledged:
+        typer.echo(f"study {result.study_instance_uid} was already acknowledged by {result.user} ({result.via}) at {_iso(result.at)}")
+    else:
+        typer.echo(f"study {result.study_instance_uid} acknowledged by {result.user}: "
+                   f"{len(result.acknowledged_ids)} alert(s), {len(result.cancelled_ids)} pending escalation(s) cancelled")
+
+
+@app.command("notify-test")
+def notify_test(
+    target: Annotated[str, typer.Argument(help="A [[notifications]] name from the config.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a test message to a notification target now (no study, no patient; nothing stored)."""
+    from pacs_agent.notify.admin import send_test
+
+    settings = _settings(config)
+    match = [t for t in settings.notifications if t.name == target]
+    if not match:
+        names = ", ".join(t.name for t in settings.notifications) or "none configured"
+        raise UsageError(f"no [[notifications]] entry named {target!r} ({names})")
+    outcome = send_test(match[0], settings)
+    if as_json:
+        _print_json({"target": target, "kind": match[0].kind, "ok": outcome.ok, "status_code": outcome.status_code, "detail": outcome.detail})
+    else:
+        typer.echo(f"{target} ({match[0].kind}): {'ok' if outcome.ok else 'FAILED'} - {outcome.detail}")
+    if not outcome.ok:
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

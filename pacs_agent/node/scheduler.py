@@ -3,7 +3,10 @@
 - tracker sweep (complete series -> selection -> job) every 0.5 s;
 - dispatch of due deliveries every ``dispatch.poll_seconds``;
 - recovery of expired job leases every few seconds;
-- retention once a day (received files of finished series, outbox files of delivered jobs, old events).
+- retention once a day (received files of finished series, outbox files of delivered jobs, old events
+  and finished notifications);
+- notifications (raise, escalate, send; pacs_agent/notify/) every ``alerts.poll_seconds`` when
+  [[notifications]] are configured.
 No job overlaps itself (max_instances=1) and missed runs are coalesced. A failing run is logged and the
 next one tries again: the scheduler never dies with a job.
 """
@@ -23,7 +26,19 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_agent.db.models import Delivery, DeliveryStatus, Event, Job, JobStatus, Output, Series, SeriesState, utcnow
+from pacs_agent.db.models import (
+    Delivery,
+    DeliveryStatus,
+    Event,
+    Job,
+    JobStatus,
+    Notification,
+    NotificationStatus,
+    Output,
+    Series,
+    SeriesState,
+    utcnow,
+)
 from pacs_agent.db.session import transaction
 from pacs_agent.db.events import record_event
 from pacs_agent.logs import get_logger
@@ -45,6 +60,8 @@ class RetentionReport:
     instance_files_deleted: int
     outbox_jobs_purged: int
     events_deleted: int
+    #: Finished notifications (SENT, FAILED, CANCELLED) older than events_days, with their attempts.
+    notifications_deleted: int = 0
 
 
 def lease_recovery_seconds(settings: Settings) -> float:
@@ -57,7 +74,7 @@ def run_retention(session_factory: sessionmaker[Session], settings: Settings, *,
     now = now or utcnow()
     spool = Spool(settings.spool_root, settings.node.min_free_disk_mb)
     retention = settings.retention
-    series_purged = files_deleted = outbox_purged = events_deleted = 0
+    series_purged = files_deleted = outbox_purged = events_deleted = notifications_deleted = 0
 
     if retention.incoming_days > 0:
         cutoff = now - timedelta(days=retention.incoming_days)
@@ -110,8 +127,14 @@ def run_retention(session_factory: sessionmaker[Session], settings: Settings, *,
         with transaction(session_factory) as session:
             result = session.execute(delete(Event).where(Event.at < cutoff).execution_options(synchronize_session=False))
             events_deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
+            finished = (NotificationStatus.SENT, NotificationStatus.FAILED, NotificationStatus.CANCELLED)
+            result = session.execute(
+                delete(Notification).where(Notification.created_at < cutoff, Notification.status.in_(finished))
+                .execution_options(synchronize_session=False)
+            )
+            notifications_deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
 
-    report = RetentionReport(series_purged, files_deleted, outbox_purged, events_deleted)
+    report = RetentionReport(series_purged, files_deleted, outbox_purged, events_deleted, notifications_deleted)
     log.info("retention_done", **report.__dict__)
     return report
 
@@ -143,8 +166,13 @@ def build_scheduler(
     owner: str,
     tracker: bool = True,
     dispatcher: bool = True,
+    notify: bool = True,
 ) -> BackgroundScheduler:
-    """A configured (not yet started) scheduler for the serve process."""
+    """A configured (not yet started) scheduler for the serve process.
+
+    Raises ConfigError when the notification settings cannot be used (e.g. the signing key file is
+    missing), so that serve refuses to start rather than alert no one.
+    """
     scheduler = BackgroundScheduler(
         timezone="UTC",
         job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30},
@@ -164,6 +192,14 @@ def build_scheduler(
         scheduler.add_job(
             _guarded("dispatch", lambda: dispatch_due(session_factory, settings, owner=owner)),
             "interval", seconds=settings.dispatch.poll_seconds, id="dispatch",
+        )
+
+    if notify and settings.notifications:
+        from pacs_agent.notify import Notifier
+
+        notifier = Notifier(settings, session_factory, owner=f"{owner.rsplit('/', 1)[0]}/notify")
+        scheduler.add_job(
+            _guarded("notify", notifier.run_once), "interval", seconds=settings.alerts.poll_seconds, id="notify",
         )
 
     def recover() -> None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,50 @@ def test_ctrl_c_stops_the_agent_and_the_pacs(tmp_path: Path, tiny_checkpoint: Pa
     assert "Interrupted" in "".join(lines)
     for pid in agent_pids + pacs_pids:
         assert not process_group_alive(pid), f"process group {pid} (agent or PACS and their children) is still running"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find left-over processes")
+def test_keep_leaves_the_pacs_and_the_dashboard_running_until_stopped(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    workdir = tmp_path / "demo"
+    pacs = "orthanc" if orthanc_binary() is not None else "scp"
+    process = subprocess.Popen([*_demo_command(workdir, tiny_checkpoint, pacs), "--keep"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=clean_environment())
+    lines: list[str] = []
+    kept = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Node: DICOM AE"):
+                kept.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert kept.wait(280), "".join(lines)
+        urls = {line.split(": ", 1)[0]: line.split(": ", 1)[1].strip() for line in lines if line.startswith(("Dashboard:", "Orthanc Explorer:"))}
+        dashboard = urls["Dashboard"]
+        with urllib.request.urlopen(dashboard + "healthz", timeout=10) as response:
+            assert response.status == 200
+        worklist = subprocess.run([sys.executable, "-m", "pacs_agent.node.cli", "worklist", "--json", "-c", str(workdir / "agent.toml")],
+                                  capture_output=True, text=True, timeout=60, env=clean_environment(), check=False)
+        assert worklist.returncode == 0 and len(json.loads(worklist.stdout)) == 2, "the node answers: two CTPAs on its worklist"
+        if pacs == "orthanc":
+            with urllib.request.urlopen(urls["Orthanc Explorer"], timeout=10) as response:
+                assert response.status == 200 and b"Orthanc" in response.read()
+        config = str(workdir / "agent.toml")
+        agent_pids = [pid for pid in _pids_with_argument(config) if pid != process.pid]
+        assert agent_pids, "the node still runs after the results were printed"
+        time.sleep(2.0)
+        assert process.poll() is None, "the demo waits while --keep"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    reader.join(timeout=10)
+    for pid in agent_pids:
+        assert not process_group_alive(pid), f"process group {pid} is still running after the stop"
+    assert (workdir / "spool").is_dir(), "--keep keeps the spool"

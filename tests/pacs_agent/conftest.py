@@ -48,3 +48,26 @@ def tiny_predictor(tiny_checkpoint: Path) -> Any:
     from pe_model.predictor import Predictor
 
     return Predictor.from_checkpoint(tiny_checkpoint, gradcam_top_k=2, num_threads=1)
+
+
+@pytest.fixture
+def node_factory(settings_factory: Callable[..., Settings], tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``node_factory(notifications, **overrides) -> tests.support.notify_node.Node``: a migrated database,
+    settings with those [[notifications]], an acknowledgement-link key (notify_node.KEY) and a Notifier."""
+    from tests.support.notify_node import KEY, Node
+
+    key_file = tmp_path / "ack.key"
+    key_file.write_bytes(KEY + b"\n")
+    made: list[Any] = []
+
+    def make(notifications: list[dict[str, Any]], **overrides: Any) -> Any:
+        alerts = {"signing_key_file": str(key_file), "backoff_initial_seconds": 10.0, "backoff_max_seconds": 40.0, "max_attempts": 4}
+        alerts.update(overrides.pop("alerts", {}))
+        settings = settings_factory(notifications=notifications, alerts=alerts, http={"public_url": "https://pe.example.org/"}, **overrides)
+        node = Node(settings)
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.engine.dispose()
