@@ -16,15 +16,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, Output, Series, Study
 from pacs_agent.db.session import transaction
 from pacs_agent.delivery.dispatcher import retry_deliveries
-from pacs_agent.errors import AgentError, QueueError
+from pacs_agent.errors import AgentError, NotificationError, QueueError
 from pacs_agent.db.events import record_event
-from pacs_agent.metrics import Stage, record_stage
+from pacs_agent.notify import acknowledge as notify_acknowledge
+from pacs_agent.notify import acknowledge_by_link as notify_acknowledge_by_link
 from pacs_agent.jobs.queue import JobNotFoundError, cancel_job, reprocess_series
-from pacs_agent.node.web.resources import ACKNOWLEDGED_KIND
-
-#: Longest acknowledgement note kept.
-NOTE_MAX = 500
-
 
 class ActionRefused(AgentError):
     """The action cannot be done (unknown target, wrong state); ``status`` is the HTTP status to answer."""
@@ -113,16 +109,34 @@ def cancel(factory: sessionmaker[Session], actor: Actor, job_id: int) -> ActionO
 
 
 def acknowledge(factory: sessionmaker[Session], actor: Actor, study_instance_uid: str, *, note: str = "") -> ActionOutcome:
-    """Record that ``actor`` has seen the study's result (the ``acknowledged`` stage of time to notification)."""
-    note = " ".join(note.split())[:NOTE_MAX]
+    """Acknowledge a study's result (pacs_agent.notify.acknowledge: its open alerts, pending escalations
+    and the ``acknowledged`` stage of time to notification); acknowledging twice reports the first."""
     with transaction(factory) as session:
         _lock_first(session, update(Study).where(Study.study_instance_uid == study_instance_uid).values(flag_rank=Study.flag_rank))
+        try:
+            ack = notify_acknowledge(session, study_instance_uid, actor.user, "dashboard" if actor.via == "web" else "api", note=note)
+        except NotificationError as exc:
+            raise ActionRefused(str(exc), 404) from None
         study = session.get(Study, study_instance_uid)
-        if study is None:
-            raise ActionRefused(f"study {study_instance_uid} has no result to acknowledge", 404)
-        record_stage(session, study_instance_uid, Stage.ACKNOWLEDGED, user=actor.user, via=actor.via, flag=study.flag.value,
-                     job_id=study.job_id, note=note)
-        _audit(session, actor, "acknowledge", entity="study", entity_id=study_instance_uid, series_instance_uid=study.series_instance_uid,
-               job_id=study.job_id, flag=study.flag.value)
-    return ActionOutcome(f"{study.flag.value} result acknowledged by {actor.user}",
-                         {"study_instance_uid": study_instance_uid, "acknowledged_by": actor.user, "kind": ACKNOWLEDGED_KIND})
+        _audit(session, actor, "acknowledge", entity="study", entity_id=study_instance_uid,
+               series_instance_uid=study.series_instance_uid if study is not None else "",
+               job_id=study.job_id if study is not None else None, already_acknowledged=ack.already_acknowledged,
+               notification_ids=list(ack.acknowledged_ids))
+    if ack.already_acknowledged:
+        return ActionOutcome(f"already acknowledged by {ack.user}", ack.to_json_dict())
+    return ActionOutcome(f"result acknowledged by {ack.user}", ack.to_json_dict())
+
+
+def acknowledge_by_link(factory: sessionmaker[Session], signing_key: bytes, token: str, *, user: str, note: str,
+                        client: str) -> ActionOutcome:
+    """The POST of a signed acknowledgement link's page: no sign-in, the link is the authority."""
+    with transaction(factory) as session:
+        try:
+            ack = notify_acknowledge_by_link(session, signing_key, token, user=user, note=note)
+        except NotificationError as exc:
+            raise ActionRefused(str(exc), 403) from None
+        record_event(session, entity="study", entity_id=ack.study_instance_uid, kind="admin_action", action="acknowledge",
+                     user=ack.user, via="link", client=client, already_acknowledged=ack.already_acknowledged)
+    if ack.already_acknowledged:
+        return ActionOutcome(f"already acknowledged by {ack.user}", ack.to_json_dict())
+    return ActionOutcome(f"result acknowledged by {ack.user}", ack.to_json_dict())

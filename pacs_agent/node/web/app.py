@@ -52,6 +52,9 @@ from pacs_agent.node.web.auth import (
 )
 from pacs_agent.node.web.dicom_views import DicomViewError, secondary_capture_png, structured_report_summary
 from pacs_agent.node.web.server import HealthProbes, health
+from pacs_agent.notify.ack import notification_for_link
+from pacs_agent.notify.links import load_signing_key
+from pacs_agent.errors import NotificationError
 from pacs_agent.settings import Settings
 
 log = get_logger(__name__)
@@ -209,6 +212,8 @@ class Dashboard:
         self.credentials = AdminCredentials.from_files(settings.http.admin_password_file, settings.http.admin_token_file)
         self.identifiers = resources.IdentifierPolicy(show=settings.http.show_patient_identifiers, spool_root=Path(settings.storage.root))
         self.registry = build_registry(session_factory)
+        #: Signs and checks the acknowledgement links of alert messages (None: such links are not issued).
+        self.signing_key = load_signing_key(settings.alerts.signing_key_file) if settings.alerts.signing_key_file else None
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)
         env.filters.update(time=fmt_time, ago=fmt_ago, seconds=fmt_seconds, probability=fmt_probability, short_uid=short_uid,
                            urlquote=lambda v: quote(str(v), safe=""), tojson_pretty=lambda v: json.dumps(v, indent=1, default=str))
@@ -525,6 +530,44 @@ class Dashboard:
         return await self._run_api_action(
             request, lambda actor, body: actions.acknowledge(self.factory, actor, uid, note=str(body.get("note", ""))))
 
+    # -- signed acknowledgement links (alert messages) ------------------------------------------
+    async def ack_link_page(self, request: Request) -> Response:
+        """What the link acknowledges, and a button: opening a link (a mail scanner does) changes nothing."""
+        token = request.path_params["token"]
+        if self.signing_key is None:
+            return self.refused_page(request, "Acknowledgement links are not configured on this node (alerts.signing_key_file).", 404)
+        key = self.signing_key
+
+        def load(session: Session) -> dict[str, Any]:
+            n = notification_for_link(session, key, token)
+            return {"notification_id": n.id, "study_instance_uid": n.study_instance_uid, "flag": n.flag.value, "target": n.target,
+                    "acknowledged": None if n.acknowledged_at is None else {"by": n.acknowledged_by, "at": n.acknowledged_at.isoformat()},
+                    "study": resources.study_detail(session, self.identifiers, n.study_instance_uid)}
+
+        try:
+            alert = await self._read(load)
+        except NotificationError as exc:
+            return self.refused_page(request, str(exc), 403)
+        return self.page(request, "ack_link.html", {"title": "Acknowledge", "alert": alert, "token": token})
+
+    async def ack_link(self, request: Request) -> Response:
+        token = request.path_params["token"]
+        if self.signing_key is None:
+            return self.refused_page(request, "Acknowledgement links are not configured on this node (alerts.signing_key_file).", 404)
+        form = await request.form()
+        if not csrf_matches(request.session.get(SESSION_CSRF), _str(form, CSRF_FIELD)):
+            return self.refused_page(request, "The form expired or did not come from this dashboard (CSRF check). Open the link again.", 403)
+        key = self.signing_key
+        try:
+            outcome = await run_in_threadpool(
+                lambda: actions.acknowledge_by_link(self.factory, key, token, user=_str(form, "user").strip()[:128],
+                                                    note=_str(form, "note"), client=_client(request)))
+        except actions.ActionRefused as exc:
+            return self.refused_page(request, str(exc), exc.status)
+        log.info("dashboard_link_acknowledged", study_instance_uid=outcome.data["study_instance_uid"], user=outcome.data["acknowledged_by"])
+        request.session["flash"] = outcome.message[:300]
+        return RedirectResponse(f"/studies/{quote(outcome.data['study_instance_uid'], safe='')}", status_code=303)
+
     # -- JSON reads ----------------------------------------------------------------------------
     async def _read(self, load: Callable[[Session], Any]) -> Any:
         def run() -> Any:
@@ -645,6 +688,8 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session], probe
         Route("/actions/retry", d.action_retry, methods=["POST"]),
         Route("/actions/cancel", d.action_cancel, methods=["POST"]),
         Route("/actions/acknowledge", d.action_acknowledge, methods=["POST"]),
+        Route("/ack/{token:str}", d.ack_link_page, methods=["GET"]),
+        Route("/ack/{token:str}", d.ack_link, methods=["POST"]),
         Route("/api/worklist", d.api_worklist),
         Route("/api/studies/{uid:str}", d.api_study),
         Route("/api/studies/{uid:str}/acknowledge", d.api_acknowledge, methods=["POST"]),

@@ -32,6 +32,7 @@ from pacs_agent.db.models import (
 )
 from pacs_agent.metrics import STAGE_EVENT_KINDS, Stage
 from pacs_agent.node import admin
+from pacs_agent.notify.admin import list_notifications
 from pacs_agent.node.web.dicom_views import DicomViewError, patient_identifiers
 from pacs_agent.jobs.queue import queue_depth
 from pacs_agent.worklist import flag_counts
@@ -210,7 +211,8 @@ def series_detail(session: Session, series: Series, policy: IdentifierPolicy) ->
 
 
 def study_detail(session: Session, policy: IdentifierPolicy, study_instance_uid: str) -> dict[str, Any] | None:
-    """{"study": worklist entry or None (not analysed yet), "series": [series detail], "events": study events}; None if unknown."""
+    """{"study": worklist entry or None (not analysed yet), "series": [series detail], "notifications": its alerts and HL7
+    results (pe-agent notifications --json), "events": study events}; None if unknown."""
     series_rows = list(session.scalars(select(Series).where(Series.study_instance_uid == study_instance_uid).order_by(Series.id)))
     if not series_rows:
         return None
@@ -227,6 +229,7 @@ def study_detail(session: Session, policy: IdentifierPolicy, study_instance_uid:
     return {
         "study": entry,
         "series": [series_detail(session, s, policy) for s in series_rows],
+        "notifications": list_notifications(session, study_instance_uid=study_instance_uid, limit=100),
         "events": [event_dict(e) for e in study_events],
     }
 

@@ -7,6 +7,7 @@ rendering and path containment, TLS. The browser walk is tests/e2e/test_dashboar
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import ssl
@@ -57,14 +58,15 @@ def _write_credentials(root: Path) -> tuple[Path, Path]:
 def start_server(migrated_db: MigratedDB, tmp_path: Path) -> Iterator[Callable[..., WebServer]]:
     servers: list[WebServer] = []
 
-    def start(*, credentials: bool = True, **http: Any) -> WebServer:
+    def start(*, credentials: bool = True, signing_key_file: str = "", **http: Any) -> WebServer:
         settings = migrated_db.settings
         options: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "enabled": True, **http}
         if credentials:
             passwords, tokens = _write_credentials(tmp_path)
             options.setdefault("admin_password_file", str(passwords))
             options.setdefault("admin_token_file", str(tokens))
-        settings = Settings(**{**settings.__dict__, "http": type(settings.http)(**options)})
+        settings = dataclasses.replace(settings, http=type(settings.http)(**options),
+                                       alerts=dataclasses.replace(settings.alerts, signing_key_file=signing_key_file))
         probes = HealthProbes(receiver_listening=lambda: Probes.receiver, workers_alive=lambda: Probes.alive)
         server = WebServer(settings, migrated_db.session_factory, probes)
         server.start()
@@ -452,3 +454,66 @@ def test_serve_stops_at_start_on_a_bad_credentials_file(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "admin_password_file" in done.stdout + done.stderr and "line 1" in done.stdout + done.stderr
     assert "worker_process_started" not in done.stdout + done.stderr
+
+
+def _alert(db: MigratedDB, study: str, target: str = "pe-team") -> int:
+    from pacs_agent.db.models import Notification, NotificationStatus
+
+    with transaction(db.session_factory) as session:
+        n = Notification(dedup_key=f"alert|{target}|{study}|CRITICAL", study_instance_uid=study, series_instance_uid=f"{study}.1",
+                         flag=Flag.CRITICAL, target=target, kind="webhook", status=NotificationStatus.SENT, attempts=1, sent_at=utcnow())
+        session.add(n)
+        session.flush()
+        return n.id
+
+
+def test_dashboard_acknowledgement_acknowledges_the_alerts(start_server: Callable[..., WebServer], migrated_db: MigratedDB) -> None:
+    from pacs_agent.db.models import Notification
+
+    seed_study(migrated_db.session_factory, study="1.9.60", flag=Flag.CRITICAL, probability=0.9)
+    alert_id = _alert(migrated_db, "1.9.60")
+    server = start_server()
+    with client(server) as http:
+        page = http.get("/studies/1.9.60", headers=HTML).text
+        assert 'id="notifications"' in page and "pe-team" in page
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        first = http.post("/api/studies/1.9.60/acknowledge", headers=auth, json={"note": "on the phone with the ward"})
+        assert first.status_code == 200 and first.json()["notification_ids"] == [alert_id]
+        again = http.post("/api/studies/1.9.60/acknowledge", headers=auth)
+        assert again.json()["already_acknowledged"] is True and again.json()["acknowledged_by"] == "pacs-admin"
+        (shown,) = http.get("/api/studies/1.9.60").json()["notifications"]
+        assert shown["acknowledged"]["by"] == "pacs-admin" and shown["acknowledged"]["via"] == "api"
+    with migrated_db.session_factory() as session:
+        n = session.get(Notification, alert_id)
+        assert n is not None and n.acknowledged_by == "pacs-admin"
+        acks = list(session.scalars(select(Event).where(Event.kind == "study_acknowledged")))
+        assert [(e.entity_id, e.detail["user"], e.detail["note"]) for e in acks] == [("1.9.60", "pacs-admin", "on the phone with the ward")]
+
+
+def test_signed_link_shows_a_page_and_only_its_post_acknowledges(start_server: Callable[..., WebServer], migrated_db: MigratedDB,
+                                                                   tmp_path: Path) -> None:
+    from pacs_agent.db.models import Notification
+    from pacs_agent.notify.links import sign_ack_token
+
+    seed_study(migrated_db.session_factory, study="1.9.70", flag=Flag.CRITICAL, probability=0.9)
+    alert_id = _alert(migrated_db, "1.9.70")
+    key_file = tmp_path / "ack.key"
+    key_file.write_text("k" * 44 + "\n")
+    server = start_server(credentials=False, signing_key_file=str(key_file))
+    token = sign_ack_token(key_file.read_bytes().strip(), alert_id, utcnow() + timedelta(hours=1))
+    with client(server) as http:
+        page = http.get(f"/ack/{token}", headers=HTML)
+        assert page.status_code == 200 and 'id="ack-submit"' in page.text and "1.9.70" in page.text
+        with migrated_db.session_factory() as session:
+            opened = session.get(Notification, alert_id)
+            assert opened is not None and opened.acknowledged_at is None  # opening the link changes nothing
+        forged = http.get(f"/ack/{token[:-3]}xyz", headers=HTML)
+        assert forged.status_code == 403 and "not valid" in forged.text
+        no_csrf = http.post(f"/ack/{token}", data={"user": "Dr Who"}, headers=HTML)
+        assert no_csrf.status_code == 403
+        done = http.post(f"/ack/{token}", data={"user": "Dr Who", "csrf_token": csrf_of(page.text)})
+        assert done.status_code == 303 and done.headers["location"] == "/studies/1.9.70"
+        assert "already" in http.get(f"/ack/{token}", headers=HTML).text.lower()
+    with migrated_db.session_factory() as session:
+        n = session.get(Notification, alert_id)
+        assert n is not None and (n.acknowledged_by, n.acknowledged_via) == ("Dr Who", "link")
