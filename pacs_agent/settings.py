@@ -239,9 +239,24 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class HTTPSettings:
+    """The web dashboard, JSON API, /healthz and /metrics (pacs_agent.node.web)."""
+
     enabled: bool = False
+    #: Loopback by default: only this machine reaches the dashboard until an administrator opens it.
     host: str = "127.0.0.1"
     port: int = 8080
+    #: Admin actions (reprocess, retry, cancel, acknowledge) need one of these; without either they are refused.
+    #: Lines ``user:$argon2id$...`` (hash with ``python -m pacs_agent.node.web.auth hash-password``).
+    admin_password_file: str = ""
+    #: Lines ``user:TOKEN`` (or one bare token, user "token"), sent as ``Authorization: Bearer TOKEN``.
+    admin_token_file: str = ""
+    #: Show patient name, ID and accession number (read from the received images); hidden by default.
+    show_patient_identifiers: bool = False
+    #: Serve HTTPS with this certificate chain and key (PEM); both or neither.
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    #: Seconds between automatic reloads of the worklist and queue pages (0: never).
+    refresh_seconds: int = 30
     #: The dashboard's address as people reach it (e.g. "https://pe-agent.hospital.org"); alert
     #: messages link to it. Empty: messages carry no links.
     public_url: str = ""
@@ -519,6 +534,11 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"destinations.{d.name}.host: a DIMSE destination needs a host")
         if not 1 <= d.port <= 65535:
             raise ConfigError(f"destinations.{d.name}.port: {d.port} is not a TCP port")
+    h = settings.http
+    if bool(h.tls_certificate) != bool(h.tls_private_key):
+        raise ConfigError("http: tls_certificate and tls_private_key go together (both or neither)")
+    if h.refresh_seconds < 0:
+        raise ConfigError("http.refresh_seconds: must be 0 or more")
     if settings.model.precision not in MODEL_PRECISIONS:
         raise ConfigError(f"model.precision: {settings.model.precision!r} is not one of {', '.join(MODEL_PRECISIONS)}")
     if settings.outputs.secondary_capture not in SECONDARY_CAPTURE_POLICIES:

@@ -1,1 +1,1 @@
-"""The node as a program: command line, service start-up, process supervision, scheduler, HTTP endpoints."""
+"""The node as a program: command line, service start-up, process supervision, scheduler, web dashboard."""

@@ -10,6 +10,7 @@ per resource (docs/CLI.md). Enumerated option values ignore case.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import importlib.metadata
 import json
@@ -714,7 +715,10 @@ def run_analyze(settings: Settings, directory: Path, *, out_dir: Path | None, ch
     from pacs_agent.logs import configure_logging, log_context
     from pe_model.errors import CheckpointError, SeriesError
 
-    configure_logging(settings.log)
+    # A one-shot command answers on stdout; its stderr carries warnings and errors only unless the
+    # configuration asks for DEBUG (the precision chosen and the timings are in the answer).
+    quiet = settings.log.level.upper() in ("INFO", "NOTSET")
+    configure_logging(dataclasses.replace(settings.log, level="WARNING") if quiet else settings.log)
     if not directory.is_dir():
         print(f"pe-agent: {directory} is not a folder", file=sys.stderr)
         return 2

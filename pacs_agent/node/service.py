@@ -78,6 +78,14 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
     http_server = None
     code = EXIT_OK
     try:
+        if settings.http.enabled:
+            # Built first: a bad credentials file, TLS key or taken port stops serve before anything starts.
+            from pacs_agent.node.web import HealthProbes, WebServer
+
+            http_server = WebServer(
+                settings, factory,
+                HealthProbes(receiver_listening=lambda: receiver.is_running, workers_alive=lambda: (pool.alive(), pool.expected)),
+            )
         reopened = recover_open_associations(factory)
         if reopened:
             log.warning("associations_recovered", count=reopened)
@@ -85,13 +93,7 @@ def serve(settings: Settings, *, stop_event: threading.Event | None = None) -> i
         receiver.start()
         pool.start()
         scheduler.start()
-        if settings.http.enabled:
-            from pacs_agent.node.http_api import HealthProbes, HTTPServer
-
-            http_server = HTTPServer(
-                settings.http.host, settings.http.port, factory,
-                HealthProbes(receiver_listening=lambda: receiver.is_running, workers_alive=lambda: (pool.alive(), pool.expected)),
-            )
+        if http_server is not None:
             http_server.start()
         log.info("serve_ready", dicom_port=receiver.port, workers=settings.workers.count,
                  http_port=http_server.port if http_server else None)
