@@ -164,6 +164,7 @@ class WorkerContext:
                     model_name=prediction.model.name,
                     model_version=prediction.model.version,
                     model_sha256=prediction.model.sha256,
+                    model_precision=prediction.precision,
                     quality={} if prediction.quality is None else prediction.quality.to_json_dict(),
                 )
             )

@@ -213,6 +213,9 @@ class Result(Base):
     model_name: Mapped[str] = mapped_column(String(128), default="")
     model_version: Mapped[str] = mapped_column(String(64), default="")
     model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    #: The arithmetic the model ran in: "fp32" or "bf16" (pe_model.precision); "" for results stored
+    #: before it was recorded.
+    model_precision: Mapped[str] = mapped_column(String(8), default="", server_default=text("''"))
     #: The input-quality gate's report (``pe_model.quality.QualityReport.to_json_dict()``): status
     #: ("adequate", "non-diagnostic", "unverified"), summary, reasons, and the measurements
     #: (pulmonary_trunk_hu, lung_apex_covered, lung_base_covered, slice_thickness_mm, noise_hu, ...).

@@ -74,7 +74,8 @@ def result_dict(result: Result | None) -> dict[str, Any] | None:
         "flag": result.flag.value,
         "summary": summarize(result),
         **_columns(result, "pe_present pe_probability probabilities labels key_images skipped_images"),
-        "model": {"name": result.model_name, "version": result.model_version, "sha256": result.model_sha256},
+        "model": {"name": result.model_name, "version": result.model_version, "sha256": result.model_sha256,
+                  "precision": result.model_precision},
         **_columns(result, "timings_s quality created_at"),
     }
 

@@ -81,6 +81,7 @@ def test_job_succeeds_with_result_outputs_deliveries_and_flag(
         assert result.flag == flag_for(result, migrated_db.settings.model.review_margin)  # consistent with its labels
         assert set(result.labels) >= {"negative_exam_for_pe", "rv_lv_ratio_gte_1"}
         assert result.model_sha256 and result.timings_s["job"] > 0
+        assert result.model_precision in ("fp32", "bf16")
         outputs = session.scalars(select(Output).where(Output.job_id == job.id)).all()
         kinds = sorted(o.kind for o in outputs)
         # The tiny random model's flag decides whether Grad-CAM SCs are made (outputs.secondary_capture = "positive").
