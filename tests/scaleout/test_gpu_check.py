@@ -54,7 +54,7 @@ def test_cpu_only_run_agrees_and_reports_every_stage(tmp_path: Path, capsys: pyt
     assert set(printed["accelerated"]["timings_s_median"]) == stages
     timings = printed["reference"]["timings_s"]
     assert timings["analysis"] >= timings["predict"] >= timings["stage1"] > 0
-    assert printed["reference"]["objects_written"] == printed["accelerated"]["objects_written"] == 4  # SR + 3 SC
+    assert printed["reference"]["objects_written"] == printed["accelerated"]["objects_written"] == 5  # SR + 3 SC + the key-image KOS
     assert printed["phantom"]["slices"] == 48 and printed["agreement"]["chunks"] > 1
 
 
